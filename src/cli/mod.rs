@@ -1,0 +1,316 @@
+//! The command line: parses argv, runs the daemon or sends one admin request.
+//!
+//! Admin commands go to a running daemon over its socket; when none answers, the CLI
+//! opens the stores itself and runs the same executor (`control::execute`). The CLI
+//! never reads or writes the table or spool in any other way. Exit status 0 on
+//! success, 1 on a refused request (one clear line on stderr), 2 on usage errors.
+
+mod output;
+
+use crate::config::{BouncePolicy, Config};
+use crate::control::{self, Request, Response};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "tenso", version, about = "A forwarding mail relay for alias domains")]
+pub struct Cli {
+    /// Config file (TOML). Without it, embedded defaults are used.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the relay daemon.
+    Serve,
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Manage aliases (users).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Manage local domains.
+    Domain {
+        #[command(subcommand)]
+        cmd: DomainCmd,
+    },
+    /// Import a Postfix virtual(5) or aliases(5) table.
+    Import {
+        file: PathBuf,
+        #[arg(long, default_value = "virtual")]
+        format: String,
+        /// Domain for aliases(5) names and bare virtual(5) users.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Import the good lines even if some are bad.
+        #[arg(long)]
+        skip_bad: bool,
+        /// Bounce policy for new aliases (default: `default_bounce` of the config).
+        #[arg(long)]
+        bounce: Option<BouncePolicy>,
+    },
+    /// Write the table as a virtual(5) file to stdout.
+    Export {
+        #[arg(long, default_value = "virtual")]
+        format: String,
+    },
+    /// Inspect and manage the queue.
+    Queue {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
+    /// Counters and sizes.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Validate the config and print the effective values.
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add an alias: `tenso user add alice@alias.example alice@dest.example`.
+    Add {
+        alias: String,
+        #[arg(required = true)]
+        dests: Vec<String>,
+        #[arg(long)]
+        bounce: Option<BouncePolicy>,
+    },
+    /// Change an alias.
+    Set {
+        alias: String,
+        #[arg(long = "dest", num_args = 1..)]
+        dests: Option<Vec<String>>,
+        #[arg(long)]
+        bounce: Option<BouncePolicy>,
+        /// off | pool | forward | default
+        #[arg(long)]
+        dmarc_preflight: Option<String>,
+    },
+    Remove {
+        alias: String,
+    },
+    Show {
+        alias: String,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DomainCmd {
+    Add {
+        domain: String,
+    },
+    Remove {
+        domain: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attempt delivery now (one message, or all).
+    Flush {
+        id: Option<String>,
+    },
+    Remove {
+        id: String,
+    },
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tenso: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tenso: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(run(cli.command, cfg))
+}
+
+async fn run(cmd: Command, cfg: Config) -> ExitCode {
+    let (req, json, kind) = match cmd {
+        Command::Serve => {
+            init_logging();
+            return match crate::daemon::run(cfg).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("tenso: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Config { cmd: ConfigCmd::Check } => {
+            print!("# config is valid\n{}", cfg.to_toml());
+            return ExitCode::SUCCESS;
+        }
+        Command::User { cmd } => match cmd {
+            UserCmd::Add {
+                alias,
+                dests,
+                bounce,
+            } => (Request::UserAdd { alias, dests, bounce }, false, output::Kind::Alias),
+            UserCmd::Set {
+                alias,
+                dests,
+                bounce,
+                dmarc_preflight,
+            } => (
+                Request::UserSet {
+                    alias,
+                    dests,
+                    bounce,
+                    dmarc_preflight,
+                },
+                false,
+                output::Kind::Alias,
+            ),
+            UserCmd::Remove { alias } => (Request::UserRemove { alias }, false, output::Kind::Done),
+            UserCmd::Show { alias, json } => (Request::UserShow { alias }, json, output::Kind::Alias),
+            UserCmd::List { domain, json } => {
+                (Request::UserList { domain }, json, output::Kind::AliasList)
+            }
+        },
+        Command::Domain { cmd } => match cmd {
+            DomainCmd::Add { domain } => (Request::DomainAdd { domain }, false, output::Kind::Done),
+            DomainCmd::Remove { domain } => {
+                (Request::DomainRemove { domain }, false, output::Kind::Done)
+            }
+            DomainCmd::List { json } => (Request::DomainList, json, output::Kind::Lines),
+        },
+        Command::Import {
+            file,
+            format,
+            domain,
+            skip_bad,
+            bounce,
+        } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("tenso: cannot read {}: {e}", file.display());
+                    return ExitCode::from(1);
+                }
+            };
+            (
+                Request::Import {
+                    text,
+                    format,
+                    domain,
+                    skip_bad,
+                    bounce,
+                },
+                false,
+                output::Kind::Import,
+            )
+        }
+        Command::Export { format } => {
+            if format != "virtual" {
+                eprintln!("tenso: export supports only --format virtual");
+                return ExitCode::from(2);
+            }
+            (Request::Export, false, output::Kind::Export)
+        }
+        Command::Queue { cmd } => match cmd {
+            QueueCmd::List { json } => (Request::QueueList, json, output::Kind::QueueList),
+            QueueCmd::Show { id, json } => (Request::QueueShow { id }, json, output::Kind::QueueShow),
+            QueueCmd::Flush { id } => (Request::QueueFlush { id }, false, output::Kind::Done),
+            QueueCmd::Remove { id } => (Request::QueueRemove { id }, false, output::Kind::Done),
+            QueueCmd::Hold { id } => (Request::QueueHold { id }, false, output::Kind::Done),
+            QueueCmd::Release { id } => (Request::QueueRelease { id }, false, output::Kind::Done),
+        },
+        Command::Status { json } => (Request::Status, json, output::Kind::Json),
+    };
+    let resp = match send(&cfg, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tenso: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    output::print(resp, json, kind)
+}
+
+/// Sends a request to the daemon, or runs it here when no daemon is running.
+pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
+    if let Some(resp) = control::server::call(&cfg.socket_path(), &req).await? {
+        return Ok(resp);
+    }
+    let table = match crate::daemon::open_table(cfg) {
+        Ok(t) => t,
+        Err(crate::table::TableError::Locked(_)) => anyhow::bail!(
+            "the table is locked by a running tenso, but its admin socket {} does not answer",
+            cfg.socket_path().display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let spool = crate::daemon::open_spool(cfg)?;
+    let ctx = control::Ctx {
+        cfg,
+        table: &table,
+        spool: &spool,
+        queue: None,
+        status: None,
+    };
+    Ok(control::execute(&ctx, req).await)
+}

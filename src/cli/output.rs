@@ -1,0 +1,138 @@
+//! Human-readable rendering of admin responses (`--json` prints them raw).
+
+use crate::control::Response;
+use serde_json::Value;
+use std::process::ExitCode;
+
+pub enum Kind {
+    Alias,
+    AliasList,
+    Lines,
+    Import,
+    Export,
+    QueueList,
+    QueueShow,
+    Done,
+    Json,
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn dests(v: &Value) -> String {
+    v.as_array()
+        .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default()
+}
+
+pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
+    if !resp.ok {
+        eprintln!(
+            "tenso: {}",
+            resp.error.as_deref().unwrap_or("request failed")
+        );
+        return ExitCode::from(1);
+    }
+    let d = &resp.data;
+    if json || matches!(kind, Kind::Json) {
+        println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    match kind {
+        Kind::Alias => {
+            println!("alias:    {}", s(&d["alias"]));
+            println!("dests:    {}", dests(&d["dests"]));
+            println!("bounce:   {}", s(&d["bounce"]));
+            if !d["dmarc_preflight"].is_null() {
+                println!("dmarc-preflight: {}", s(&d["dmarc_preflight"]));
+            }
+            if let Some(h) = d["health"].as_array().filter(|h| !h.is_empty()) {
+                println!("destination health:");
+                for e in h {
+                    println!(
+                        "  {}: {} {} ({})",
+                        s(&e["dest"]),
+                        s(&e["status"]),
+                        s(&e["diagnostic"]),
+                        crate::time::rfc5322_date(e["at"].as_i64().unwrap_or(0))
+                    );
+                }
+            }
+            if !d["pool"].is_null() {
+                println!("pool:     {}", s(&d["pool"]));
+            }
+        }
+        Kind::AliasList => {
+            for a in d.as_array().into_iter().flatten() {
+                println!("{}\t{}\t{}", s(&a["alias"]), s(&a["bounce"]), dests(&a["dests"]));
+            }
+        }
+        Kind::Lines => {
+            for x in d.as_array().into_iter().flatten() {
+                println!("{}", s(x));
+            }
+        }
+        Kind::Import => {
+            for b in d["bad"].as_array().into_iter().flatten() {
+                eprintln!("line {}: {}", s(&b["line"]), s(&b["reason"]));
+            }
+            if d["imported"].as_bool() == Some(true) {
+                println!(
+                    "imported: {} added, {} replaced, {} domains",
+                    s(&d["added"]),
+                    s(&d["replaced"]),
+                    s(&d["domains"])
+                );
+            } else {
+                eprintln!(
+                    "tenso: nothing imported: {} bad lines (fix them, or pass --skip-bad)",
+                    d["bad"].as_array().map_or(0, |a| a.len())
+                );
+                return ExitCode::from(1);
+            }
+        }
+        Kind::Export => print!("{}", s(&d["text"])),
+        Kind::QueueList => {
+            println!("{:<18} {:>8} {:>5} {:<8} {:<30} recipients", "id", "size", "age", "next", "sender");
+            let now = crate::time::unix_now();
+            for m in d.as_array().into_iter().flatten() {
+                let next = match (m["held"].as_bool(), m["next_attempt"].as_i64()) {
+                    (Some(true), _) => "held".to_string(),
+                    (_, Some(t)) if t > now => crate::time::age(t - now),
+                    (_, Some(_)) => "now".to_string(),
+                    _ => "-".to_string(),
+                };
+                let rcpts: Vec<String> = m["recipients"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| format!("{} ({})", s(&r["dest"]), s(&r["state"])))
+                    .collect();
+                let sender = match s(&m["sender"]) {
+                    x if x.is_empty() => "<>".to_string(),
+                    x => x,
+                };
+                println!(
+                    "{:<18} {:>8} {:>5} {:<8} {:<30} {}",
+                    s(&m["id"]),
+                    s(&m["size"]),
+                    crate::time::age(m["age"].as_i64().unwrap_or(0)),
+                    next,
+                    sender,
+                    rcpts.join(", ")
+                );
+            }
+        }
+        Kind::QueueShow => {
+            println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+        }
+        Kind::Done => println!("ok"),
+        Kind::Json => unreachable!(),
+    }
+    ExitCode::SUCCESS
+}

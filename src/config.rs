@@ -1,0 +1,403 @@
+//! Typed configuration: TOML read with `--config FILE`, or the embedded defaults.
+//!
+//! Every key has a default in code, so `tenso serve` without a file is useful on a
+//! laptop. Unknown keys are errors (serde `deny_unknown_fields`): a typo in a mail
+//! server's config must not silently fall back to a default. Durations use humantime
+//! (`30s`, `5d`). This module only parses and validates; it opens no socket or file
+//! other than the config file itself.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What happens to bounces that come back to an alias (the talk's proposals 2a/2b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BouncePolicy {
+    /// 2a: keep bounces in a local pool (Maildir) on the forwarder.
+    #[default]
+    Pool,
+    /// 2b: forward bounces to the destinations keeping `MAIL FROM:<>`.
+    Forward,
+}
+
+impl std::fmt::Display for BouncePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BouncePolicy::Pool => "pool",
+            BouncePolicy::Forward => "forward",
+        })
+    }
+}
+
+impl std::str::FromStr for BouncePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pool" => Ok(BouncePolicy::Pool),
+            "forward" => Ok(BouncePolicy::Forward),
+            _ => Err(format!("unknown bounce policy {s:?} (expected pool or forward)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our name in the greeting, EHLO, Received and DSNs.
+    pub hostname: String,
+    /// Spool, forwarding table, pools and the admin socket live here.
+    pub data_dir: PathBuf,
+    /// Where mail for `postmaster` of every local domain goes. Empty: kept in the
+    /// local pool `pool/postmaster`, never lost.
+    pub postmaster: Vec<String>,
+    /// Bounce policy of aliases created without `--bounce`.
+    pub default_bounce: BouncePolicy,
+    /// `alice+tag@d` matches `alice@d`. Empty string disables subaddressing.
+    pub subaddress_separator: String,
+    pub smtp: SmtpConfig,
+    pub dns: DnsConfig,
+    pub delivery: DeliveryConfig,
+    pub queue: QueueConfig,
+    pub table: TableConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Largest message accepted, in bytes (announced in EHLO SIZE).
+    pub max_message_size: usize,
+    /// Recipients per transaction; more get 452 4.5.3 (RFC 5321 §4.5.3.1.8).
+    pub max_recipients: usize,
+    /// Wait for the next command (RFC 5321 §4.5.3.2.7: 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Wait for the next chunk of DATA (RFC 5321 §4.5.3.2.5 client side: 3 minutes).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Concurrent inbound sessions; more get `421 4.7.0` at once.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// `ip:port` of recursive resolvers; empty = the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// STARTTLS when offered, certificate not verified, clear text if it fails.
+    Opportunistic,
+    /// STARTTLS must succeed, or the attempt is deferred.
+    Required,
+    /// Never STARTTLS.
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Static next hops: domain → `host:port`; `"*"` matches every domain.
+    pub routes: std::collections::BTreeMap<String, String>,
+    /// Optional smart host (`host:port`) for all mail not matched by `routes`.
+    pub relay_host: Option<String>,
+    /// Port used for MX and A/AAAA delivery.
+    pub port: u16,
+    pub tls: TlsMode,
+    /// Per destination domain TLS override.
+    pub tls_domains: std::collections::BTreeMap<String, TlsMode>,
+    /// Concurrent connections to one next-hop host.
+    pub max_per_destination: usize,
+    /// A message carrying more `Received:` headers than this is a loop (5.4.6).
+    pub max_hops: usize,
+    /// Maximum alias → alias chain depth.
+    pub max_alias_depth: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// An idle outbound connection is kept this long for reuse.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Total concurrent delivery attempts.
+    pub max_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Delays between attempts; the last one repeats.
+    #[serde(with = "humantime_serde_list")]
+    pub retry: Vec<Duration>,
+    /// After this, a message still undelivered fails (DSN).
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// A host that refused a connection is not tried again for this long.
+    #[serde(with = "humantime_serde")]
+    pub dead_host_ttl: Duration,
+    /// Send a delay DSN after this long (off when absent).
+    #[serde(with = "humantime_serde::option")]
+    pub delay_warning: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableConfig {
+    /// sled page cache, bytes. Bounded so a million aliases stay cheap.
+    pub cache_bytes: u64,
+}
+
+mod humantime_serde_list {
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for d in v {
+            seq.serialize_element(&humantime::format_duration(*d).to_string())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let v = Vec::<humantime_serde::Serde<Duration>>::deserialize(d)?;
+        Ok(v.into_iter().map(|x| x.into_inner()).collect())
+    }
+}
+
+fn system_hostname() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: system_hostname(),
+            data_dir: PathBuf::from("./spool"),
+            postmaster: Vec::new(),
+            default_bounce: BouncePolicy::Pool,
+            subaddress_separator: "+".into(),
+            smtp: SmtpConfig::default(),
+            dns: DnsConfig::default(),
+            delivery: DeliveryConfig::default(),
+            queue: QueueConfig::default(),
+            table: TableConfig::default(),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec!["127.0.0.1:2525".parse().expect("literal")],
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            routes: Default::default(),
+            relay_host: None,
+            port: 25,
+            tls: TlsMode::Opportunistic,
+            tls_domains: Default::default(),
+            max_per_destination: 10,
+            max_hops: 30,
+            max_alias_depth: 8,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(5),
+            max_concurrency: 100,
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        let m = |x: u64| Duration::from_secs(60 * x);
+        QueueConfig {
+            retry: vec![m(5), m(10), m(20), m(40), m(60)],
+            max_lifetime: Duration::from_secs(5 * 86400),
+            dead_host_ttl: Duration::from_secs(60),
+            delay_warning: None,
+        }
+    }
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads `path`, or the embedded defaults when `path` is None.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let cfg = match path {
+            None => Config::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+                    path: p.to_owned(),
+                    message,
+                })?
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text; errors carry the line and column and name the key.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str::<Config>(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
+            let msg = e.message().trim().to_string();
+            match line {
+                Some(l) => format!("line {l}: {msg}"),
+                None => msg,
+            }
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return bad(format!("hostname {:?} is not a host name", self.hostname));
+        }
+        if self.smtp.listen.is_empty() {
+            return bad("[smtp] listen is empty".into());
+        }
+        if self.smtp.max_recipients == 0 {
+            return bad("[smtp] max_recipients must be at least 1".into());
+        }
+        if self.smtp.max_message_size < 1024 {
+            return bad("[smtp] max_message_size must be at least 1024 bytes".into());
+        }
+        if self.queue.retry.is_empty() {
+            return bad("[queue] retry needs at least one duration".into());
+        }
+        if self.subaddress_separator.chars().count() > 1 {
+            return bad("subaddress_separator must be one character or empty".into());
+        }
+        for (dom, hop) in &self.delivery.routes {
+            if crate::smtp::address::split_host_port(hop).is_none() {
+                return bad(format!("[delivery] routes: {dom:?} = {hop:?} is not host:port"));
+            }
+        }
+        if let Some(r) = &self.delivery.relay_host
+            && crate::smtp::address::split_host_port(r).is_none()
+        {
+            return bad(format!("[delivery] relay_host {r:?} is not host:port"));
+        }
+        for pm in &self.postmaster {
+            crate::smtp::address::Mailbox::parse(pm)
+                .map_err(|e| ConfigError::Invalid(format!("postmaster {pm:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML (what `tenso config check` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    pub fn queue_dir(&self) -> PathBuf {
+        self.data_dir.join("queue")
+    }
+    pub fn table_dir(&self) -> PathBuf {
+        self.data_dir.join("table")
+    }
+    pub fn socket_path(&self) -> PathBuf {
+        self.data_dir.join("tenso.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.smtp.listen[0].to_string(), "127.0.0.1:2525");
+        assert_eq!(c.data_dir, PathBuf::from("./spool"));
+    }
+
+    #[test]
+    fn durations_and_keys() {
+        let c = Config::from_toml(
+            "hostname = \"mx.example\"\n[smtp]\nlisten = [\"127.0.0.1:25\"]\ncommand_timeout = \"30s\"\n[queue]\nretry = [\"1s\", \"2m\"]\nmax_lifetime = \"5d\"\n[dns]\nnameservers = [\"127.0.0.1:5353\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.smtp.command_timeout, Duration::from_secs(30));
+        assert_eq!(c.queue.retry, vec![Duration::from_secs(1), Duration::from_secs(120)]);
+        assert_eq!(c.queue.max_lifetime, Duration::from_secs(5 * 86400));
+        assert_eq!(c.dns.nameservers[0].port(), 5353);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::from_toml("hostname = \"a\"\n\n[smtp]\nlisten = []\nmax_recipents = 5\n")
+            .unwrap_err();
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("max_recipents"), "{e}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = Config::default();
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again.queue.retry, c.queue.retry);
+        assert_eq!(again.smtp.max_message_size, c.smtp.max_message_size);
+    }
+}

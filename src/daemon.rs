@@ -1,0 +1,93 @@
+//! `tenso serve`: wires the services together, handles signals, drains on exit.
+//!
+//! Order at start: lock and open the table (a second daemon stops here with a clear
+//! message), recover the spool, start the queue, bind the admin socket and the SMTP
+//! listeners, then announce the bound addresses in `DATA_DIR/tenso.listen`.
+
+use crate::config::Config;
+use crate::control::server as control_server;
+use crate::spool::Spool;
+use crate::table::{Table, TableError};
+use anyhow::{Context, bail};
+use std::sync::Arc;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+pub fn open_table(cfg: &Config) -> Result<Table, TableError> {
+    let sep = cfg.subaddress_separator.chars().next();
+    Table::open(
+        &cfg.table_dir(),
+        cfg.table.cache_bytes,
+        sep,
+        cfg.delivery.max_alias_depth,
+    )
+}
+
+pub fn open_spool(cfg: &Config) -> anyhow::Result<Spool> {
+    Spool::open(&cfg.queue_dir(), &cfg.data_dir.join("quarantine")).context("opening the spool")
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let table = match open_table(&cfg) {
+        Ok(t) => t,
+        Err(TableError::Locked(_)) => bail!(
+            "another tenso is already running on data dir {} (its table is locked); stop it first",
+            cfg.data_dir.display()
+        ),
+        Err(e) => return Err(e).context("opening the forwarding table"),
+    };
+    let spool = open_spool(&cfg)?;
+    let recovered = spool.recover().context("recovering the spool")?;
+    tracing::info!(
+        queued = recovered.envelopes.len(),
+        partial_removed = recovered.partial_removed,
+        quarantined = recovered.quarantined,
+        aliases = table.count(),
+        "spool recovered"
+    );
+    let queue = crate::queue::start(spool.clone(), recovered.envelopes);
+    let inbound = crate::inbound::Inbound::new(cfg.clone(), table.clone(), spool.clone(), queue.clone());
+
+    let admin = control_server::bind(&cfg.socket_path())
+        .with_context(|| format!("binding admin socket {}", cfg.socket_path().display()))?;
+    let status_inbound = inbound.clone();
+    let server = Arc::new(control_server::Server {
+        cfg: cfg.clone(),
+        table: table.clone(),
+        spool: spool.clone(),
+        queue: queue.clone(),
+        status: Arc::new(move || status_inbound.counters.snapshot()),
+    });
+    tokio::spawn(control_server::run(server, admin));
+
+    let listeners = crate::inbound::bind(&cfg).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut announce = String::new();
+    for (l, addr) in listeners {
+        tracing::info!(%addr, hostname = %cfg.hostname, "listening");
+        announce.push_str(&format!("{addr}\n"));
+        tokio::spawn(crate::inbound::run(inbound.clone(), l, stop_rx.clone()));
+    }
+    let listen_file = cfg.data_dir.join("tenso.listen");
+    let tmp = cfg.data_dir.join("tenso.listen.tmp");
+    std::fs::write(&tmp, announce).and_then(|_| std::fs::rename(&tmp, &listen_file))?;
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    // Sessions in the middle of DATA have not been answered 250: dropping them loses
+    // nothing. Give replies in flight a moment, then persist the table and leave.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    table.flush()?;
+    let _ = std::fs::remove_file(&listen_file);
+    let _ = std::fs::remove_file(cfg.socket_path());
+    tracing::info!("stopped");
+    Ok(())
+}

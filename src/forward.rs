@@ -1,0 +1,181 @@
+//! The forward step: turns an accepted recipient into outgoing recipients.
+//!
+//! Applies the table (alias → destinations, alias chains to a bounded depth, cycle
+//! guard) and proposal 2's envelope rewrite: the outgoing reverse-path is the alias
+//! the mail was sent to — plain, no SRS — or stays `<>` when the original sender was
+//! null. It decides nothing about transport or retries and does no I/O besides table
+//! reads.
+
+use crate::config::{BouncePolicy, Config};
+use crate::smtp::address::Mailbox;
+use crate::spool::{Rcpt, RcptState};
+use crate::table::{Found, MatchKind, Table, TableError};
+use std::collections::HashSet;
+
+/// What a RCPT was accepted for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An alias (or catch-all) entry of the table; `written` is the RCPT mailbox.
+    Alias { written: Mailbox, found: Found },
+    /// Postmaster of a local domain (RFC 5321 §4.5.1), routed per `postmaster`.
+    Postmaster { written: String },
+}
+
+impl Target {
+    pub fn written(&self) -> String {
+        match self {
+            Target::Alias { written, .. } => written.to_string(),
+            Target::Postmaster { written } => written.clone(),
+        }
+    }
+}
+
+/// The pool name for postmaster mail when `postmaster` is not configured.
+pub const POSTMASTER_POOL: &str = "postmaster";
+
+fn rcpt(orig: &str, alias: &str, mail_from: &str, dest: &str, policy: BouncePolicy) -> Rcpt {
+    Rcpt {
+        orig: orig.to_string(),
+        alias: alias.to_string(),
+        mail_from: mail_from.to_string(),
+        dest: dest.to_string(),
+        pool: None,
+        policy,
+        state: RcptState::Pending,
+        attempts: 0,
+        next_attempt: 0,
+        last: None,
+        status: None,
+        remote_mta: None,
+    }
+}
+
+/// Expands one accepted target into outgoing recipients. `reverse_path` is the
+/// original MAIL FROM ("" for `<>`): a null sender is never given a non-null one.
+pub fn expand(
+    table: &Table,
+    cfg: &Config,
+    target: &Target,
+    reverse_path: &str,
+) -> Result<Vec<Rcpt>, TableError> {
+    match target {
+        Target::Postmaster { written } => {
+            let from = if reverse_path.is_empty() {
+                String::new()
+            } else {
+                format!("postmaster@{}", cfg.hostname)
+            };
+            if cfg.postmaster.is_empty() {
+                let mut r = rcpt(written, POSTMASTER_POOL, &from, "", BouncePolicy::Pool);
+                r.pool = Some(POSTMASTER_POOL.to_string());
+                return Ok(vec![r]);
+            }
+            Ok(cfg
+                .postmaster
+                .iter()
+                .map(|d| rcpt(written, POSTMASTER_POOL, &from, d, BouncePolicy::Pool))
+                .collect())
+        }
+        Target::Alias { written, found } => {
+            let orig = written.to_string();
+            // Proposal 2: the alias itself is the new reverse-path. A catch-all has no
+            // address of its own, so the address actually written is used.
+            let mail_from = if reverse_path.is_empty() {
+                String::new()
+            } else if found.kind == MatchKind::CatchAll {
+                format!("{}@{}", written.local, written.domain_lower())
+            } else {
+                found.alias.clone()
+            };
+            let policy = found.entry.bounce;
+            let mut out: Vec<Rcpt> = Vec::new();
+            let mut seen_aliases = HashSet::from([found.alias.clone()]);
+            let mut stack: Vec<(String, usize)> =
+                found.entry.dests.iter().rev().map(|d| (d.clone(), 1)).collect();
+            while let Some((dest, depth)) = stack.pop() {
+                let Ok(m) = Mailbox::parse(&dest) else {
+                    let mut r = rcpt(&orig, &found.alias, &mail_from, &dest, policy);
+                    fail(&mut r, "5.1.3", "invalid destination address in the table");
+                    out.push(r);
+                    continue;
+                };
+                if table.is_local_domain(&m.domain)? {
+                    match table.resolve(&m)? {
+                        Some(next) if depth < cfg.delivery.max_alias_depth => {
+                            if seen_aliases.insert(next.alias.clone()) {
+                                stack.extend(
+                                    next.entry.dests.iter().rev().map(|d| (d.clone(), depth + 1)),
+                                );
+                            }
+                            continue;
+                        }
+                        Some(_) => {
+                            let mut r = rcpt(&orig, &found.alias, &mail_from, &dest, policy);
+                            fail(&mut r, "5.4.6", "alias chain too deep (forwarding loop?)");
+                            out.push(r);
+                            continue;
+                        }
+                        None => {
+                            let mut r = rcpt(&orig, &found.alias, &mail_from, &dest, policy);
+                            fail(&mut r, "5.1.1", "destination is in a local domain but unknown");
+                            out.push(r);
+                            continue;
+                        }
+                    }
+                }
+                if !out.iter().any(|r| r.dest.eq_ignore_ascii_case(&dest)) {
+                    out.push(rcpt(&orig, &found.alias, &mail_from, &dest, policy));
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Marks a recipient failed before any attempt (the DSN step reports it).
+pub fn fail(r: &mut Rcpt, status: &str, why: &str) {
+    r.state = RcptState::Failed;
+    r.status = Some(status.to_string());
+    r.last = Some(why.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrite_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::open(&dir.path().join("t"), 1 << 20, Some('+'), 8).unwrap();
+        let cfg = Config::default();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        t.add("list@a.test", &s(&["x@d.test", "alice@a.test"]), BouncePolicy::Forward)
+            .unwrap();
+        t.add("alice@a.test", &s(&["alice@d.test", "x@d.test"]), BouncePolicy::Pool)
+            .unwrap();
+        t.add("@c.test", &s(&["all@d.test"]), BouncePolicy::Pool).unwrap();
+        let target = |a: &str| {
+            let m = Mailbox::parse(a).unwrap();
+            Target::Alias {
+                found: t.resolve(&m).unwrap().unwrap(),
+                written: m,
+            }
+        };
+        let r = expand(&t, &cfg, &target("list@a.test"), "s@o.test").unwrap();
+        let dests: Vec<_> = r.iter().map(|r| r.dest.as_str()).collect();
+        assert_eq!(dests, ["x@d.test", "alice@d.test"]);
+        assert!(r.iter().all(|r| r.mail_from == "list@a.test"));
+        assert!(r.iter().all(|r| r.policy == BouncePolicy::Forward));
+        let r = expand(&t, &cfg, &target("alice+x@a.test"), "s@o.test").unwrap();
+        assert_eq!(r[0].mail_from, "alice@a.test");
+        let r = expand(&t, &cfg, &target("Someone@C.test"), "s@o.test").unwrap();
+        assert_eq!(r[0].mail_from, "Someone@c.test");
+        let r = expand(&t, &cfg, &target("alice@a.test"), "").unwrap();
+        assert!(r.iter().all(|r| r.mail_from.is_empty()));
+        let pm = Target::Postmaster {
+            written: "postmaster".into(),
+        };
+        let r = expand(&t, &cfg, &pm, "s@o.test").unwrap();
+        assert_eq!(r[0].pool.as_deref(), Some(POSTMASTER_POOL));
+    }
+}

@@ -1,0 +1,158 @@
+//! DATA: receive the body, check it, prepend the trace header, commit, then 250.
+
+use super::session::Session;
+use crate::forward;
+use crate::smtp::Reply;
+use crate::smtp::header::{count_fields, field_values, header_section};
+use crate::smtp::codec::{DataDecoder, DataError};
+use crate::spool::{Envelope, MessageKind, RcptState};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+impl Session {
+    pub(super) fn handle_data(&mut self) {
+        match &self.tx {
+            None => self.reply(Reply::new(503, "5.5.1", "need MAIL before DATA")),
+            Some(tx) if tx.targets.is_empty() => {
+                self.reply(Reply::new(554, "5.5.1", "no valid recipients"))
+            }
+            Some(_) => {
+                self.reply(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+                self.start_data();
+            }
+        }
+    }
+
+    pub(super) async fn end_of_data(&mut self, dec: DataDecoder) {
+        let body = std::mem::take(&mut self.data);
+        let tx = self.tx.take().expect("DATA only starts inside a transaction");
+        let client = self.peer.ip();
+        if let Some(err) = dec.error {
+            self.ctx.counters.refused_data.fetch_add(1, Ordering::Relaxed);
+            let reply = match err {
+                DataError::TooBig => Reply::new(
+                    552,
+                    "5.3.4",
+                    format!(
+                        "message exceeds fixed maximum size of {} bytes",
+                        self.ctx.cfg.smtp.max_message_size
+                    ),
+                ),
+                DataError::LineTooLong => Reply::new(
+                    554,
+                    "5.6.0",
+                    "message refused: a line is longer than 1000 octets (RFC 5321 4.5.3.1.6)",
+                ),
+                DataError::BareLf | DataError::BareCr => Reply::new(
+                    554,
+                    "5.6.0",
+                    "message refused: bare CR or LF in data; lines must end with CRLF",
+                ),
+            };
+            tracing::warn!(client = %client, size = dec.size, reply = %reply, "message refused");
+            return self.reply(reply);
+        }
+        let headers = header_section(&body);
+        let hops = count_fields(headers, "received");
+        if hops > self.ctx.cfg.delivery.max_hops {
+            self.ctx.counters.refused_data.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %client, hops, "message refused: too many hops");
+            return self.reply(Reply::new(
+                554,
+                "5.4.6",
+                format!("too many hops ({hops} Received headers): mail loop?"),
+            ));
+        }
+        let delivered_to = field_values(headers, "delivered-to");
+
+        let id = self.ctx.spool.new_id();
+        let mut rcpts = Vec::new();
+        for t in &tx.targets {
+            match forward::expand(&self.ctx.table, &self.ctx.cfg, t, &tx.reverse_path) {
+                Ok(mut r) => {
+                    // tenso's own trace for this alias: the message has been here
+                    // before, so forwarding it again would loop.
+                    for x in r.iter_mut() {
+                        if x.state == RcptState::Pending
+                            && delivered_to.iter().any(|d| d.eq_ignore_ascii_case(&x.mail_from))
+                            && !x.mail_from.is_empty()
+                        {
+                            forward::fail(x, "5.4.6", "mail forwarding loop for this alias");
+                        }
+                    }
+                    rcpts.extend(r);
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "table lookup failed");
+                    return self.reply(Reply::new(451, "4.3.0", "temporary failure, try again later"));
+                }
+            }
+        }
+
+        let helo = self.helo.clone().unwrap_or_default();
+        let mut msg = Vec::with_capacity(body.len() + 256);
+        self.write_received(&mut msg, &id, &helo, &tx.targets, tx.smtputf8);
+        msg.extend_from_slice(&body);
+        let env = Envelope {
+            id: id.clone(),
+            kind: MessageKind::Relay,
+            arrival: crate::time::unix_now(),
+            client_ip: Some(client),
+            helo,
+            reverse_path: tx.reverse_path.clone(),
+            env_id: tx.env_id.clone(),
+            smtputf8: tx.smtputf8,
+            eight_bit: tx.eight_bit || !body.is_ascii(),
+            size: msg.len() as u64,
+            held: false,
+            rcpts,
+            notes: Vec::new(),
+        };
+        let msg = Arc::new(msg);
+        if let Err(e) = self.ctx.spool.commit(&env, msg.clone()).await {
+            tracing::error!(queue_id = %id, client = %client, error = %e, "cannot commit message");
+            return self.reply(Reply::new(451, "4.3.0", "temporary failure: could not queue message"));
+        }
+        self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            queue_id = %id,
+            client = %client,
+            from = %env.reverse_path,
+            nrcpt = tx.targets.len(),
+            size = env.size,
+            "accepted"
+        );
+        self.ctx.queue.enqueue(env, Some(msg));
+        self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+    }
+
+    /// RFC 5321 §4.4 trace header; names the recipient only when there is one.
+    fn write_received(
+        &self,
+        out: &mut Vec<u8>,
+        id: &str,
+        helo: &str,
+        targets: &[forward::Target],
+        smtputf8: bool,
+    ) {
+        let proto = match (smtputf8, self.esmtp, self.stream.is_tls()) {
+            (true, _, false) => "UTF8SMTP",
+            (true, _, true) => "UTF8SMTPS",
+            (false, true, false) => "ESMTP",
+            (false, true, true) => "ESMTPS",
+            (false, false, _) => "SMTP",
+        };
+        let ip = self.peer.ip();
+        let ip_lit = match ip {
+            std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+            std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+        };
+        let host = &self.ctx.cfg.hostname;
+        let mut h = format!("Received: from {helo} ({ip_lit})\r\n\tby {host} (tenso) with {proto} id {id}");
+        if let [t] = targets {
+            h.push_str(&format!("\r\n\tfor <{}>", t.written()));
+        }
+        h.push_str(&format!("; {}\r\n", crate::time::rfc5322_date(crate::time::unix_now())));
+        out.extend_from_slice(h.as_bytes());
+    }
+}

@@ -1,0 +1,159 @@
+//! MAIL and RCPT: the envelope, and the relay decision for each forward-path.
+//!
+//! A forward-path is accepted only for a local domain: an alias, a catch-all, or
+//! postmaster (always, RFC 5321 §4.5.1). Every form that made open relays of old MTAs
+//! — `%` hack, bang paths, quoted local parts holding `@`, address literals — is
+//! refused here, whatever the table holds.
+
+use super::session::{Session, Transaction};
+use crate::forward::Target;
+use crate::smtp::Reply;
+use crate::smtp::address::{AddressError, Path, extract_path, parse_path};
+use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo};
+use std::sync::atomic::Ordering;
+
+impl Session {
+    pub(super) fn handle_mail(&mut self, line: &str, from: MailFrom<String>) {
+        if self.helo.is_none() {
+            return self.reply(Reply::new(503, "5.5.1", "send EHLO or HELO first"));
+        }
+        if self.tx.is_some() {
+            return self.reply(Reply::new(503, "5.5.1", "nested MAIL command"));
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if !self.esmtp && (from.flags != 0 || from.size != 0) {
+            return self.reply(Reply::new(555, "5.5.4", "parameters need EHLO"));
+        }
+        let max = self.ctx.cfg.smtp.max_message_size;
+        if from.size > max {
+            return self.reply(Reply::new(
+                552,
+                "5.3.4",
+                format!("message size exceeds fixed limit of {max} bytes"),
+            ));
+        }
+        let raw = extract_path(line).unwrap_or("");
+        let reverse_path = match parse_path(raw, smtputf8) {
+            Ok(Path::Null) => String::new(),
+            Ok(Path::Mailbox(m)) => m.to_string(),
+            Ok(Path::Postmaster) => {
+                return self.reply(Reply::new(501, "5.1.7", "reverse-path needs a domain"));
+            }
+            Err(AddressError::NeedsUtf8) => {
+                return self.reply(Reply::new(553, "5.6.7", "non-ASCII address needs SMTPUTF8"));
+            }
+            Err(e) => return self.reply(Reply::new(501, "5.1.7", format!("bad sender: {e}"))),
+        };
+        tracing::debug!(client = %self.peer.ip(), from = %reverse_path, "mail");
+        self.tx = Some(Transaction {
+            reverse_path,
+            smtputf8,
+            eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+            env_id: from.env_id,
+            targets: Vec::new(),
+        });
+        self.reply(Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    pub(super) fn handle_rcpt(&mut self, line: &str, _to: RcptTo<String>) {
+        let Some(tx) = &self.tx else {
+            return self.reply(Reply::new(503, "5.5.1", "need MAIL before RCPT"));
+        };
+        let max = self.ctx.cfg.smtp.max_recipients;
+        if tx.targets.len() >= max {
+            return self.reply(Reply::new(
+                452,
+                "4.5.3",
+                format!("too many recipients (at most {max} per message)"),
+            ));
+        }
+        let raw = extract_path(line).unwrap_or("");
+        let reply = self.check_rcpt(raw);
+        if reply.code == 250 {
+            tracing::debug!(client = %self.peer.ip(), rcpt = raw, "rcpt accepted");
+        } else {
+            tracing::info!(client = %self.peer.ip(), rcpt = raw, reply = %reply, "rcpt refused");
+        }
+        self.reply(reply);
+    }
+
+    fn check_rcpt(&mut self, raw: &str) -> Reply {
+        let smtputf8 = self.tx.as_ref().is_some_and(|t| t.smtputf8);
+        let counters = &self.ctx.counters;
+        let relay_denied = |why: &'static str| {
+            counters.relay_denied.fetch_add(1, Ordering::Relaxed);
+            Reply::new(554, "5.7.1", format!("relay access denied: {why}"))
+        };
+        let m = match parse_path(raw, smtputf8) {
+            Ok(Path::Mailbox(m)) => m,
+            Ok(Path::Postmaster) => {
+                return self.accept(Target::Postmaster {
+                    written: "postmaster".into(),
+                });
+            }
+            Ok(Path::Null) => return Reply::new(501, "5.1.3", "null forward-path"),
+            Err(AddressError::NeedsUtf8) => {
+                return Reply::new(553, "5.6.7", "non-ASCII address needs SMTPUTF8");
+            }
+            Err(e) => return Reply::new(501, "5.1.3", format!("bad recipient: {e}")),
+        };
+        if m.is_address_literal() {
+            return relay_denied("address literals are not accepted");
+        }
+        if m.local.contains(['%', '!']) {
+            return relay_denied("% and ! routing is not supported");
+        }
+        if m.local.contains('@') {
+            return relay_denied("quoted local part holding @");
+        }
+        let table = &self.ctx.table;
+        let local = match table.is_local_domain(&m.domain) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "table lookup failed");
+                return Reply::new(451, "4.3.0", "temporary lookup failure, try again later");
+            }
+        };
+        if !local {
+            return relay_denied("not a local domain");
+        }
+        let found = match table.resolve(&m) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "table lookup failed");
+                return Reply::new(451, "4.3.0", "temporary lookup failure, try again later");
+            }
+        };
+        // An explicit alias for postmaster wins; otherwise postmaster of every local
+        // domain goes where the config says, never to a catch-all.
+        let is_postmaster = m.local.eq_ignore_ascii_case("postmaster");
+        match found {
+            Some(f) if !is_postmaster || f.kind == crate::table::MatchKind::Exact => {
+                self.accept(Target::Alias {
+                    written: m,
+                    found: f,
+                })
+            }
+            _ if is_postmaster => self.accept(Target::Postmaster {
+                written: m.to_string(),
+            }),
+            _ => {
+                self.ctx.counters.rejected_rcpt.fetch_add(1, Ordering::Relaxed);
+                Reply::new(550, "5.1.1", "user unknown")
+            }
+        }
+    }
+
+    fn accept(&mut self, target: Target) -> Reply {
+        let tx = self.tx.as_mut().expect("checked by handle_rcpt");
+        let written = target.written();
+        if !tx
+            .targets
+            .iter()
+            .any(|t| t.written().eq_ignore_ascii_case(&written))
+        {
+            tx.targets.push(target);
+        }
+        Reply::new(250, "2.1.5", "Ok")
+    }
+}

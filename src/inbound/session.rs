@@ -1,0 +1,284 @@
+//! One SMTP session: the read loop, command dispatch, and the verbs without a file
+//! of their own (EHLO/HELO, RSET, NOOP, VRFY, EXPN, HELP, QUIT).
+//!
+//! Replies are buffered and written when the client has nothing more pipelined
+//! (RFC 2920), so a pipelining client gets every reply, in order, in few packets.
+
+use super::Inbound;
+use super::stream::Stream;
+use crate::forward::Target;
+use crate::smtp::Reply;
+use crate::smtp::codec::{DataDecoder, Frame, LineFramer};
+use smtp_proto::Request;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// After this many error replies in one session the client is dropped with 421.
+const MAX_ERRORS: u32 = 20;
+
+/// The MAIL transaction in progress.
+pub(super) struct Transaction {
+    pub reverse_path: String,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    pub env_id: Option<String>,
+    pub targets: Vec<Target>,
+}
+
+pub(super) enum Mode {
+    Command,
+    Data(DataDecoder),
+}
+
+pub(super) struct Session {
+    pub ctx: Arc<Inbound>,
+    pub peer: SocketAddr,
+    pub stream: Stream,
+    pub inbuf: Vec<u8>,
+    pub outbuf: Vec<u8>,
+    pub framer: LineFramer,
+    pub helo: Option<String>,
+    pub esmtp: bool,
+    pub tx: Option<Transaction>,
+    pub mode: Mode,
+    pub data: Vec<u8>,
+    pub errors: u32,
+    pub quit: bool,
+}
+
+pub(super) async fn refuse_busy(ctx: Arc<Inbound>, mut sock: TcpStream) {
+    let mut out = Vec::new();
+    Reply::new(421, "4.7.0", format!("{} too many connections, try again later", ctx.cfg.hostname))
+        .write_to(&mut out);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.write_all(&out)).await;
+}
+
+pub(super) async fn run(ctx: Arc<Inbound>, sock: TcpStream, peer: SocketAddr) {
+    ctx.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(client = %peer.ip(), port = peer.port(), "connect");
+    let mut s = Session {
+        ctx,
+        peer,
+        stream: Stream::Plain(sock),
+        inbuf: Vec::with_capacity(4096),
+        outbuf: Vec::with_capacity(1024),
+        framer: LineFramer::default(),
+        helo: None,
+        esmtp: false,
+        tx: None,
+        mode: Mode::Command,
+        data: Vec::new(),
+        errors: 0,
+        quit: false,
+    };
+    let greeting = Reply::plain(
+        220,
+        vec![format!("{} ESMTP tenso", s.ctx.cfg.hostname).into()],
+    );
+    s.reply(greeting);
+    let res = s.serve().await;
+    match res {
+        Ok(()) => tracing::info!(client = %peer.ip(), "disconnect"),
+        Err(e) => tracing::info!(client = %peer.ip(), reason = %e, "disconnect"),
+    }
+}
+
+impl Session {
+    pub fn reply(&mut self, r: Reply) {
+        if r.code >= 500 {
+            self.errors += 1;
+        }
+        r.write_to(&mut self.outbuf);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.outbuf.is_empty() {
+            self.stream.write_all(&self.outbuf).await?;
+            self.outbuf.clear();
+        }
+        Ok(())
+    }
+
+    async fn serve(&mut self) -> std::io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            self.process_input().await;
+            self.flush().await?;
+            if self.quit {
+                let _ = self.stream.shutdown().await;
+                return Ok(());
+            }
+            if self.errors >= MAX_ERRORS {
+                self.reply(Reply::new(421, "4.7.0", "too many errors, closing connection"));
+                self.flush().await?;
+                return Ok(());
+            }
+            let timeout = match self.mode {
+                Mode::Command => self.ctx.cfg.smtp.command_timeout,
+                Mode::Data(_) => self.ctx.cfg.smtp.data_timeout,
+            };
+            let n = match tokio::time::timeout(timeout, self.stream.read(&mut chunk)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    tracing::info!(client = %self.peer.ip(), "timeout");
+                    self.reply(Reply::new(421, "4.4.2", "timeout, closing connection"));
+                    self.flush().await?;
+                    return Ok(());
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            self.inbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Handles everything complete in the input buffer.
+    async fn process_input(&mut self) {
+        loop {
+            if self.quit || self.errors >= MAX_ERRORS {
+                return;
+            }
+            if let Mode::Data(dec) = &mut self.mode {
+                match dec.feed(&self.inbuf, &mut self.data) {
+                    None => {
+                        self.inbuf.clear();
+                        return;
+                    }
+                    Some(n) => {
+                        self.inbuf.drain(..n);
+                        let Mode::Data(dec) = std::mem::replace(&mut self.mode, Mode::Command)
+                        else {
+                            unreachable!()
+                        };
+                        self.end_of_data(dec).await;
+                        continue;
+                    }
+                }
+            }
+            match self.framer.next_frame(&mut self.inbuf) {
+                None => return,
+                Some(Frame::TooLong) => {
+                    self.reply(Reply::new(500, "5.5.2", "command line too long (512 octets max)"))
+                }
+                Some(Frame::BareNewline) => self.reply(Reply::new(
+                    500,
+                    "5.5.2",
+                    "bare CR or LF in command (lines must end with CRLF)",
+                )),
+                Some(Frame::Line(line)) => self.command(line).await,
+            }
+        }
+    }
+
+    async fn command(&mut self, mut line: Vec<u8>) {
+        let Ok(text) = std::str::from_utf8(&line) else {
+            self.reply(Reply::new(500, "5.5.2", "command is not valid UTF-8"));
+            return;
+        };
+        let text = text.to_string();
+        line.extend_from_slice(b"\r\n");
+        let req = match Request::parse(&mut line.iter()) {
+            Ok(r) => r.into_owned(),
+            Err(e) => {
+                let r = parse_error_reply(&e, &text);
+                self.reply(r);
+                return;
+            }
+        };
+        match req {
+            Request::Ehlo { host } => self.handle_helo(host, true),
+            Request::Helo { host } => self.handle_helo(host, false),
+            Request::Mail { from } => self.handle_mail(&text, from),
+            Request::Rcpt { to } => self.handle_rcpt(&text, to),
+            Request::Data => self.handle_data(),
+            Request::Rset => {
+                self.tx = None;
+                self.reply(Reply::new(250, "2.0.0", "Ok"));
+            }
+            Request::Noop { .. } => self.reply(Reply::new(250, "2.0.0", "Ok")),
+            Request::Quit => {
+                self.reply(Reply::new(221, "2.0.0", "Bye"));
+                self.quit = true;
+            }
+            // VRFY and EXPN would let anyone harvest the alias table.
+            Request::Vrfy { .. } => self.reply(Reply::new(
+                252,
+                "2.5.2",
+                "cannot VRFY, but will accept the message and attempt delivery",
+            )),
+            Request::Expn { .. } => self.reply(Reply::new(502, "5.5.1", "EXPN not available")),
+            Request::Help { .. } => self.reply(Reply::new(
+                214,
+                "2.0.0",
+                "commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+            )),
+            Request::Auth { .. } => self.reply(Reply::new(
+                502,
+                "5.5.1",
+                "no AUTH here: this is a relay for alias domains, not a submission server",
+            )),
+            Request::StartTls => self.reply(Reply::new(502, "5.5.1", "STARTTLS not available")),
+            other => self.reply(Reply::new(
+                502,
+                "5.5.1",
+                format!("{} not implemented", other.name()),
+            )),
+        }
+    }
+
+    fn handle_helo(&mut self, host: String, esmtp: bool) {
+        // A new EHLO/HELO resets the transaction (RFC 5321 §4.1.4).
+        self.tx = None;
+        let host: String = host
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect();
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+        let name = self.ctx.cfg.hostname.clone();
+        if !esmtp {
+            self.reply(Reply::new(250, "", name));
+            return;
+        }
+        let lines = vec![
+            name.into(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.ctx.cfg.smtp.max_message_size).into(),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
+        self.reply(Reply::plain(250, lines));
+    }
+
+    pub(super) fn start_data(&mut self) {
+        self.data = Vec::with_capacity(8 * 1024);
+        self.mode = Mode::Data(DataDecoder::new(self.ctx.cfg.smtp.max_message_size));
+    }
+}
+
+fn parse_error_reply(e: &smtp_proto::Error, line: &str) -> Reply {
+    use smtp_proto::Error as E;
+    match e {
+        E::UnknownCommand => Reply::new(500, "5.5.1", "command unrecognized"),
+        E::InvalidSenderAddress => Reply::new(501, "5.1.7", "bad sender address syntax"),
+        E::InvalidRecipientAddress => {
+            Reply::new(501, "5.1.3", "bad recipient address syntax")
+        }
+        E::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("syntax: {syntax}")),
+        E::InvalidParameter { param } => {
+            Reply::new(501, "5.5.4", format!("invalid value for parameter {param}"))
+        }
+        E::UnsupportedParameter { param } => {
+            Reply::new(555, "5.5.4", format!("unsupported parameter {param}"))
+        }
+        _ => {
+            tracing::debug!(line, error = ?e, "unparsable command");
+            Reply::new(500, "5.5.2", "syntax error")
+        }
+    }
+}

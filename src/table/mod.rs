@@ -1,0 +1,606 @@
+//! The forwarding table: aliases → destinations and bounce policy, local domains.
+//!
+//! The only code that touches sled. Keys are `domain \0 local` (lowercase), so one
+//! prefix seek answers "is this domain ours?" and lists a domain's aliases in order;
+//! a catch-all `@domain` is the key with an empty local part. Every change is flushed
+//! to disk before it returns, so an acknowledged admin command survives a crash.
+//! sled takes an exclusive lock on its files: a second opener gets
+//! [`TableError::Locked`], which is how a second daemon is refused.
+
+pub mod import;
+
+use crate::config::BouncePolicy;
+use crate::smtp::address::Mailbox;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("the forwarding table in {0} is locked by another process (is `tenso serve` running?)")]
+    Locked(String),
+    #[error("table storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("no such alias: {0}")]
+    NotFound(String),
+    #[error("alias already exists: {0} (use `tenso user set`)")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Health of one destination, learned from bounces (filled by the bounce issue).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DestHealth {
+    pub dest: String,
+    pub status: String,
+    pub diagnostic: String,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AliasEntry {
+    pub dests: Vec<String>,
+    pub bounce: BouncePolicy,
+    pub created: i64,
+    pub updated: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmarc_preflight: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<DestHealth>,
+}
+
+/// How a recipient matched the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchKind {
+    Exact,
+    Subaddress,
+    CatchAll,
+}
+
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The alias key that matched: `local@domain` or `@domain`.
+    pub alias: String,
+    pub kind: MatchKind,
+    pub entry: AliasEntry,
+}
+
+/// An alias as written by an admin: `local@domain` or `@domain` (catch-all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasName {
+    pub local: String,
+    pub domain: String,
+}
+
+impl AliasName {
+    pub fn parse(s: &str) -> Result<AliasName, TableError> {
+        let s = s.trim();
+        if let Some(d) = s.strip_prefix('@') {
+            // Validate the domain through the mailbox grammar with a dummy local part.
+            let m = Mailbox::parse(&format!("x@{d}"))
+                .map_err(|e| TableError::Invalid(format!("invalid alias {s:?}: {e}")))?;
+            return Ok(AliasName {
+                local: String::new(),
+                domain: m.domain_lower(),
+            });
+        }
+        let m = Mailbox::parse(s)
+            .map_err(|e| TableError::Invalid(format!("invalid alias {s:?}: {e}")))?;
+        if m.is_address_literal() {
+            return Err(TableError::Invalid(format!(
+                "invalid alias {s:?}: an address literal cannot be an alias domain"
+            )));
+        }
+        if m.local.contains(['@', '%', '!', '"', ' ']) {
+            return Err(TableError::Invalid(format!(
+                "invalid alias {s:?}: routing characters in the local part"
+            )));
+        }
+        Ok(AliasName {
+            local: m.local.to_lowercase(),
+            domain: m.domain_lower(),
+        })
+    }
+
+    fn key(&self) -> Vec<u8> {
+        key(&self.domain, &self.local)
+    }
+}
+
+impl std::fmt::Display for AliasName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.local, self.domain)
+    }
+}
+
+fn key(domain: &str, local: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(domain.len() + local.len() + 1);
+    k.extend_from_slice(domain.as_bytes());
+    k.push(0);
+    k.extend_from_slice(local.as_bytes());
+    k
+}
+
+fn name_of(k: &[u8]) -> String {
+    let s = String::from_utf8_lossy(k);
+    match s.split_once('\0') {
+        Some((d, l)) => format!("{l}@{d}"),
+        None => s.into_owned(),
+    }
+}
+
+/// Validates one destination address.
+pub fn parse_dest(s: &str) -> Result<Mailbox, TableError> {
+    let m = Mailbox::parse(s.trim())
+        .map_err(|e| TableError::Invalid(format!("invalid destination {s:?}: {e}")))?;
+    if m.is_address_literal() {
+        return Err(TableError::Invalid(format!(
+            "invalid destination {s:?}: address literals are not supported"
+        )));
+    }
+    Ok(m)
+}
+
+#[derive(Clone)]
+pub struct Table {
+    db: sled::Db,
+    aliases: sled::Tree,
+    domains: sled::Tree,
+    separator: Option<char>,
+    max_depth: usize,
+}
+
+/// The outcome of an import, for the admin.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub added: usize,
+    pub replaced: usize,
+    pub domains: usize,
+    pub bad: Vec<(usize, String)>,
+}
+
+impl Table {
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        separator: Option<char>,
+        max_depth: usize,
+    ) -> Result<Table, TableError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    TableError::Locked(dir.display().to_string())
+                }
+                e if e.to_string().contains("could not acquire lock") => {
+                    TableError::Locked(dir.display().to_string())
+                }
+                e => TableError::Storage(e),
+            })?;
+        Ok(Table {
+            aliases: db.open_tree("aliases")?,
+            domains: db.open_tree("domains")?,
+            db,
+            separator,
+            max_depth,
+        })
+    }
+
+    /// A sled tree for another module's state (bounce log, ...). The table stays the
+    /// only owner of the database handle.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, TableError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    pub fn flush(&self) -> Result<(), TableError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn get_raw(&self, domain: &str, local: &str) -> Result<Option<AliasEntry>, TableError> {
+        Ok(match self.aliases.get(key(domain, local))? {
+            Some(v) => Some(decode(&v)?),
+            None => None,
+        })
+    }
+
+    /// Is `domain` (any case) one of ours?
+    pub fn is_local_domain(&self, domain: &str) -> Result<bool, TableError> {
+        let d = domain.to_lowercase();
+        if self.domains.contains_key(d.as_bytes())? {
+            return Ok(true);
+        }
+        Ok(self.aliases.scan_prefix(key(&d, "")).next().transpose()?.is_some())
+    }
+
+    /// Finds the entry a recipient maps to: exact, then without the subaddress, then
+    /// the domain's catch-all.
+    pub fn resolve(&self, rcpt: &Mailbox) -> Result<Option<Found>, TableError> {
+        let domain = rcpt.domain_lower();
+        let local = rcpt.local.to_lowercase();
+        if let Some(entry) = self.get_raw(&domain, &local)? {
+            return Ok(Some(Found {
+                alias: format!("{local}@{domain}"),
+                kind: MatchKind::Exact,
+                entry,
+            }));
+        }
+        if let Some(sep) = self.separator
+            && let Some((base, _tag)) = local.split_once(sep)
+            && !base.is_empty()
+            && let Some(entry) = self.get_raw(&domain, base)?
+        {
+            return Ok(Some(Found {
+                alias: format!("{base}@{domain}"),
+                kind: MatchKind::Subaddress,
+                entry,
+            }));
+        }
+        if let Some(entry) = self.get_raw(&domain, "")? {
+            return Ok(Some(Found {
+                alias: format!("@{domain}"),
+                kind: MatchKind::CatchAll,
+                entry,
+            }));
+        }
+        Ok(None)
+    }
+
+    pub fn get(&self, alias: &str) -> Result<AliasEntry, TableError> {
+        let name = AliasName::parse(alias)?;
+        self.get_raw(&name.domain, &name.local)?
+            .ok_or_else(|| TableError::NotFound(name.to_string()))
+    }
+
+    /// Checks destinations against the table (plus `pending` entries about to be
+    /// written): a destination in a local domain must resolve to an alias, and
+    /// following alias chains from `alias` must neither come back to it nor go deeper
+    /// than the configured depth.
+    fn check_dests(
+        &self,
+        alias: &AliasName,
+        dests: &[String],
+        pending: &BTreeMap<Vec<u8>, AliasEntry>,
+    ) -> Result<(), TableError> {
+        if dests.is_empty() {
+            return Err(TableError::Invalid(format!("{alias}: no destination given")));
+        }
+        let lookup = |m: &Mailbox| -> Result<Option<(String, AliasEntry)>, TableError> {
+            let d = m.domain_lower();
+            let l = m.local.to_lowercase();
+            let mut candidates = vec![(l.clone(), format!("{l}@{d}"))];
+            if let Some(sep) = self.separator
+                && let Some((base, _)) = l.split_once(sep)
+            {
+                candidates.push((base.to_string(), format!("{base}@{d}")));
+            }
+            candidates.push((String::new(), format!("@{d}")));
+            for (local, name) in candidates {
+                if let Some(e) = pending.get(&key(&d, &local)) {
+                    return Ok(Some((name, e.clone())));
+                }
+                if let Some(e) = self.get_raw(&d, &local)? {
+                    return Ok(Some((name, e)));
+                }
+            }
+            Ok(None)
+        };
+        let is_local = |d: &str| -> Result<bool, TableError> {
+            let k = key(d, "");
+            Ok(pending.range(k.clone()..).next().is_some_and(|(pk, _)| pk.starts_with(&k))
+                || self.is_local_domain(d)?)
+        };
+        let me = alias.to_string();
+        let mut stack: Vec<(String, usize)> = dests.iter().map(|d| (d.clone(), 1)).collect();
+        let mut seen = HashSet::new();
+        while let Some((dest, depth)) = stack.pop() {
+            let m = parse_dest(&dest)?;
+            if !is_local(&m.domain_lower())? {
+                continue;
+            }
+            let Some((name, entry)) = lookup(&m)? else {
+                return Err(TableError::Invalid(format!(
+                    "{alias}: destination {dest} is in a local domain but is no alias"
+                )));
+            };
+            if name == me {
+                return Err(TableError::Invalid(format!(
+                    "{alias}: destination {dest} leads back to {alias} (forwarding loop)"
+                )));
+            }
+            if depth >= self.max_depth {
+                return Err(TableError::Invalid(format!(
+                    "{alias}: alias chain through {dest} is deeper than {}",
+                    self.max_depth
+                )));
+            }
+            if seen.insert(name) {
+                stack.extend(entry.dests.iter().map(|d| (d.clone(), depth + 1)));
+            }
+        }
+        Ok(())
+    }
+
+    fn normalize_dests(dests: &[String]) -> Result<Vec<String>, TableError> {
+        let mut out: Vec<String> = Vec::new();
+        for d in dests {
+            let m = parse_dest(d)?;
+            let norm = format!("{}@{}", m.local, m.domain_lower());
+            let norm = Mailbox::parse(&norm).map(|x| x.to_string()).unwrap_or(norm);
+            if !out.contains(&norm) {
+                out.push(norm);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn add(
+        &self,
+        alias: &str,
+        dests: &[String],
+        bounce: BouncePolicy,
+    ) -> Result<AliasEntry, TableError> {
+        let name = AliasName::parse(alias)?;
+        let dests = Self::normalize_dests(dests)?;
+        if self.aliases.contains_key(name.key())? {
+            return Err(TableError::Exists(name.to_string()));
+        }
+        self.check_dests(&name, &dests, &BTreeMap::new())?;
+        let now = crate::time::unix_now();
+        let entry = AliasEntry {
+            dests,
+            bounce,
+            created: now,
+            updated: now,
+            dmarc_preflight: None,
+            health: Vec::new(),
+        };
+        // compare_and_swap makes "add" refuse a concurrent add of the same alias.
+        self.aliases
+            .compare_and_swap(name.key(), None as Option<&[u8]>, Some(encode(&entry)))?
+            .map_err(|_| TableError::Exists(name.to_string()))?;
+        self.flush()?;
+        Ok(entry)
+    }
+
+    /// Changes an existing alias with `change`, validating destinations again.
+    pub fn update(
+        &self,
+        alias: &str,
+        change: impl Fn(&mut AliasEntry),
+    ) -> Result<AliasEntry, TableError> {
+        let name = AliasName::parse(alias)?;
+        let mut entry = self
+            .get_raw(&name.domain, &name.local)?
+            .ok_or_else(|| TableError::NotFound(name.to_string()))?;
+        let before = entry.dests.clone();
+        change(&mut entry);
+        if entry.dests != before {
+            entry.dests = Self::normalize_dests(&entry.dests)?;
+            self.check_dests(&name, &entry.dests, &BTreeMap::new())?;
+        }
+        entry.updated = crate::time::unix_now();
+        self.aliases.insert(name.key(), encode(&entry))?;
+        self.flush()?;
+        Ok(entry)
+    }
+
+    pub fn remove(&self, alias: &str) -> Result<(), TableError> {
+        let name = AliasName::parse(alias)?;
+        if self.aliases.remove(name.key())?.is_none() {
+            return Err(TableError::NotFound(name.to_string()));
+        }
+        self.flush()?;
+        Ok(())
+    }
+
+    /// All aliases, or those of one domain, in key order.
+    pub fn list(&self, domain: Option<&str>) -> Result<Vec<(String, AliasEntry)>, TableError> {
+        let iter = match domain {
+            Some(d) => self.aliases.scan_prefix(key(&d.to_lowercase(), "")),
+            None => self.aliases.iter(),
+        };
+        let mut out = Vec::new();
+        for kv in iter {
+            let (k, v) = kv?;
+            out.push((name_of(&k), decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn count(&self) -> usize {
+        self.aliases.len()
+    }
+
+    pub fn add_domain(&self, domain: &str) -> Result<(), TableError> {
+        let d = AliasName::parse(&format!("@{domain}"))?.domain;
+        self.domains.insert(d.as_bytes(), &[])?;
+        self.flush()
+    }
+
+    pub fn remove_domain(&self, domain: &str) -> Result<(), TableError> {
+        let d = domain.to_lowercase();
+        if self.domains.remove(d.as_bytes())?.is_none() {
+            return Err(TableError::NotFound(format!("domain {d} (added with `domain add`)")));
+        }
+        self.flush()
+    }
+
+    /// Local domains: added explicitly, or holding at least one alias.
+    pub fn domains(&self) -> Result<Vec<String>, TableError> {
+        let mut set = std::collections::BTreeSet::new();
+        for kv in self.domains.iter() {
+            let (k, _) = kv?;
+            set.insert(String::from_utf8_lossy(&k).into_owned());
+        }
+        // Walk aliases domain by domain: every key of domain `d` sorts below `d\x01`,
+        // so one range seek skips the whole domain instead of reading all its aliases.
+        let mut next = self.aliases.first()?;
+        while let Some((k, _)) = next {
+            let mut bound = k.split(|&b| b == 0).next().unwrap_or(&[]).to_vec();
+            set.insert(String::from_utf8_lossy(&bound).into_owned());
+            bound.push(1);
+            next = self.aliases.range(bound..).next().transpose()?;
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    /// Imports parsed entries atomically: either all valid entries are written in one
+    /// batch, or (when there are bad lines and `skip_bad` is false) nothing is.
+    pub fn import(
+        &self,
+        parsed: import::Parsed,
+        skip_bad: bool,
+        bounce: BouncePolicy,
+    ) -> Result<ImportReport, TableError> {
+        let mut report = ImportReport {
+            bad: parsed.bad.iter().map(|b| (b.line, b.reason.clone())).collect(),
+            ..Default::default()
+        };
+        let now = crate::time::unix_now();
+        let mut pending: BTreeMap<Vec<u8>, AliasEntry> = BTreeMap::new();
+        let mut names = Vec::new();
+        for e in &parsed.entries {
+            let checked = AliasName::parse(&e.alias)
+                .and_then(|n| Ok((n, Self::normalize_dests(&e.dests)?)));
+            match checked {
+                Ok((name, dests)) => {
+                    let old = self.get_raw(&name.domain, &name.local)?;
+                    let entry = AliasEntry {
+                        dests,
+                        bounce: old.as_ref().map_or(bounce, |o| o.bounce),
+                        created: old.as_ref().map_or(now, |o| o.created),
+                        updated: now,
+                        dmarc_preflight: old.as_ref().and_then(|o| o.dmarc_preflight.clone()),
+                        health: Vec::new(),
+                    };
+                    pending.insert(name.key(), entry);
+                    names.push((name, e.line));
+                }
+                Err(err) => report.bad.push((e.line, err.to_string())),
+            }
+        }
+        let mut domain_names = Vec::new();
+        for (d, line) in &parsed.domains {
+            match AliasName::parse(&format!("@{d}")) {
+                Ok(n) => domain_names.push(n.domain),
+                Err(err) => report.bad.push((*line, err.to_string())),
+            }
+        }
+        // Destinations are checked against the table as it will be after the import,
+        // so files may refer to aliases defined further down.
+        let mut invalid = HashSet::new();
+        for (name, line) in &names {
+            let dests = &pending[&name.key()].dests;
+            if let Err(err) = self.check_dests(name, dests, &pending) {
+                report.bad.push((*line, err.to_string()));
+                invalid.insert(name.key());
+            }
+        }
+        report.bad.sort();
+        if !report.bad.is_empty() && !skip_bad {
+            return Ok(report);
+        }
+        let mut batch = sled::Batch::default();
+        for (k, entry) in &pending {
+            if invalid.contains(k) {
+                continue;
+            }
+            if self.aliases.contains_key(k)? {
+                report.replaced += 1;
+            } else {
+                report.added += 1;
+            }
+            batch.insert(k.as_slice(), encode(entry));
+        }
+        self.aliases.apply_batch(batch)?;
+        for d in domain_names {
+            self.domains.insert(d.as_bytes(), &[])?;
+            report.domains += 1;
+        }
+        self.flush()?;
+        Ok(report)
+    }
+}
+
+fn encode(e: &AliasEntry) -> Vec<u8> {
+    serde_json::to_vec(e).expect("alias entry serializes")
+}
+
+fn decode(v: &[u8]) -> Result<AliasEntry, TableError> {
+    serde_json::from_slice(v)
+        .map_err(|e| TableError::Invalid(format!("corrupt table entry: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> (tempfile::TempDir, Table) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::open(&dir.path().join("t"), 1 << 20, Some('+'), 8).unwrap();
+        (dir, t)
+    }
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn add_resolve_and_domains() {
+        let (_d, t) = table();
+        t.add("Alice@Alias.Example", &s(&["a@dest.test"]), BouncePolicy::Pool)
+            .unwrap();
+        t.add("@catch.test", &s(&["c@dest.test"]), BouncePolicy::Forward)
+            .unwrap();
+        t.add_domain("empty.test").unwrap();
+        assert!(t.is_local_domain("ALIAS.example").unwrap());
+        assert!(t.is_local_domain("empty.test").unwrap());
+        assert!(!t.is_local_domain("dest.test").unwrap());
+        let m = |x: &str| Mailbox::parse(x).unwrap();
+        let f = t.resolve(&m("alice@alias.example")).unwrap().unwrap();
+        assert_eq!((f.alias.as_str(), f.kind), ("alice@alias.example", MatchKind::Exact));
+        let f = t.resolve(&m("ALICE+tag@alias.example")).unwrap().unwrap();
+        assert_eq!(f.kind, MatchKind::Subaddress);
+        let f = t.resolve(&m("anyone@catch.test")).unwrap().unwrap();
+        assert_eq!(f.kind, MatchKind::CatchAll);
+        assert!(t.resolve(&m("bob@alias.example")).unwrap().is_none());
+        assert_eq!(
+            t.domains().unwrap(),
+            vec!["alias.example", "catch.test", "empty.test"]
+        );
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        let (_d, t) = table();
+        t.add("a@x.test", &s(&["a@dest.test"]), BouncePolicy::Pool).unwrap();
+        assert!(matches!(
+            t.add("a@x.test", &s(&["b@dest.test"]), BouncePolicy::Pool),
+            Err(TableError::Exists(_))
+        ));
+        assert!(t.add("b@x.test", &s(&["not an address"]), BouncePolicy::Pool).is_err());
+        assert!(t.add("b@x.test", &s(&["nobody@x.test"]), BouncePolicy::Pool).is_err());
+        assert!(matches!(t.remove("zz@x.test"), Err(TableError::NotFound(_))));
+        // cycle: b -> a, then a -> b is refused
+        t.add("b@x.test", &s(&["a@x.test"]), BouncePolicy::Pool).unwrap();
+        let err = t
+            .update("a@x.test", |e| e.dests = s(&["b@x.test"]))
+            .unwrap_err();
+        assert!(err.to_string().contains("loop"), "{err}");
+        assert_eq!(t.get("a@x.test").unwrap().dests, s(&["a@dest.test"]));
+    }
+
+    #[test]
+    fn second_open_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _t = Table::open(&dir.path().join("t"), 1 << 20, None, 8).unwrap();
+        let again = Table::open(&dir.path().join("t"), 1 << 20, None, 8);
+        assert!(matches!(again, Err(TableError::Locked(_))), "{:?}", again.err());
+    }
+}
