@@ -37,7 +37,9 @@ impl std::str::FromStr for BouncePolicy {
         match s {
             "pool" => Ok(BouncePolicy::Pool),
             "forward" => Ok(BouncePolicy::Forward),
-            _ => Err(format!("unknown bounce policy {s:?} (expected pool or forward)")),
+            _ => Err(format!(
+                "unknown bounce policy {s:?} (expected pool or forward)"
+            )),
         }
     }
 }
@@ -61,6 +63,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub queue: QueueConfig,
     pub table: TableConfig,
+    pub pool: PoolConfig,
+    pub bounce: BounceConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,6 +160,50 @@ pub struct TableConfig {
     pub cache_bytes: u64,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Bounces kept per alias; the oldest are expired beyond this (logged, counted).
+    pub max_messages: usize,
+    /// Bytes kept per alias, same rule.
+    pub max_bytes: u64,
+    /// Mail each alias a digest of waiting bounces this often (off when absent).
+    #[serde(with = "humantime_serde::option")]
+    pub digest: Option<Duration>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_messages: 1000,
+            max_bytes: 50 * 1024 * 1024,
+            digest: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BounceConfig {
+    /// How long the record of each forwarded copy is kept for correlating bounces.
+    #[serde(with = "humantime_serde")]
+    pub log_retention: Duration,
+    /// Discard null-sender bounces that match no forwarded copy (likely backscatter).
+    pub drop_uncorrelated: bool,
+    /// Bounces forwarded per alias per hour under policy `forward`; more are pooled.
+    pub forward_rate_per_hour: u32,
+}
+
+impl Default for BounceConfig {
+    fn default() -> Self {
+        BounceConfig {
+            log_retention: Duration::from_secs(7 * 86400),
+            drop_uncorrelated: false,
+            forward_rate_per_hour: 30,
+        }
+    }
+}
+
 mod humantime_serde_list {
     use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
     use std::time::Duration;
@@ -195,6 +243,8 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             queue: QueueConfig::default(),
             table: TableConfig::default(),
+            pool: PoolConfig::default(),
+            bounce: BounceConfig::default(),
         }
     }
 }
@@ -297,9 +347,13 @@ impl Config {
     /// Parses TOML text; errors carry the line and column and name the key.
     pub fn from_toml(text: &str) -> Result<Config, String> {
         toml::from_str::<Config>(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
+            let line = e.span().map(|s| {
+                text.as_bytes()[..s.start.min(text.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1
+            });
             let msg = e.message().trim().to_string();
             match line {
                 Some(l) => format!("line {l}: {msg}"),
@@ -330,7 +384,9 @@ impl Config {
         }
         for (dom, hop) in &self.delivery.routes {
             if crate::smtp::address::split_host_port(hop).is_none() {
-                return bad(format!("[delivery] routes: {dom:?} = {hop:?} is not host:port"));
+                return bad(format!(
+                    "[delivery] routes: {dom:?} = {hop:?} is not host:port"
+                ));
             }
         }
         if let Some(r) = &self.delivery.relay_host
@@ -356,6 +412,9 @@ impl Config {
     pub fn table_dir(&self) -> PathBuf {
         self.data_dir.join("table")
     }
+    pub fn pool_dir(&self) -> PathBuf {
+        self.data_dir.join("pool")
+    }
     pub fn socket_path(&self) -> PathBuf {
         self.data_dir.join("tenso.sock")
     }
@@ -380,7 +439,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.smtp.command_timeout, Duration::from_secs(30));
-        assert_eq!(c.queue.retry, vec![Duration::from_secs(1), Duration::from_secs(120)]);
+        assert_eq!(
+            c.queue.retry,
+            vec![Duration::from_secs(1), Duration::from_secs(120)]
+        );
         assert_eq!(c.queue.max_lifetime, Duration::from_secs(5 * 86400));
         assert_eq!(c.dns.nameservers[0].port(), 5353);
     }

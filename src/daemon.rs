@@ -48,18 +48,45 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         aliases = table.count(),
         "spool recovered"
     );
-    let queue = crate::queue::start(spool.clone(), recovered.envelopes);
-    let inbound = crate::inbound::Inbound::new(cfg.clone(), table.clone(), spool.clone(), queue.clone());
+    let resolver = crate::dns::build(&cfg).map_err(anyhow::Error::msg)?;
+    let delivery = crate::delivery::Delivery::new(cfg.clone(), resolver.clone())
+        .map_err(anyhow::Error::msg)?;
+    let bounce = Arc::new(crate::bounce::Bounce::new(
+        cfg.clone(),
+        table.clone(),
+        spool.clone(),
+    ));
+    let worker = Arc::new(crate::queue::Worker {
+        cfg: cfg.clone(),
+        spool: spool.clone(),
+        delivery,
+        bounce: bounce.clone(),
+    });
+    let queue = crate::queue::start(worker, recovered.envelopes);
+    let inbound =
+        crate::inbound::Inbound::new(cfg.clone(), table.clone(), spool.clone(), queue.clone());
 
     let admin = control_server::bind(&cfg.socket_path())
         .with_context(|| format!("binding admin socket {}", cfg.socket_path().display()))?;
     let status_inbound = inbound.clone();
+    let status_queue = queue.clone();
+    let status_bounce = bounce.clone();
     let server = Arc::new(control_server::Server {
         cfg: cfg.clone(),
         table: table.clone(),
         spool: spool.clone(),
         queue: queue.clone(),
-        status: Arc::new(move || status_inbound.counters.snapshot()),
+        status: Arc::new(move || {
+            serde_json::json!({
+                "inbound": status_inbound.counters.snapshot(),
+                "queue": status_queue.snapshot(),
+                "bounce": status_bounce.counters.snapshot(),
+                "pool": {
+                    "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
+                    "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
+                },
+            })
+        }),
     });
     tokio::spawn(control_server::run(server, admin));
 

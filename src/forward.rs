@@ -47,6 +47,8 @@ fn rcpt(orig: &str, alias: &str, mail_from: &str, dest: &str, policy: BouncePoli
         last: None,
         status: None,
         remote_mta: None,
+        warned: false,
+        reported: false,
     }
 }
 
@@ -90,8 +92,13 @@ pub fn expand(
             let policy = found.entry.bounce;
             let mut out: Vec<Rcpt> = Vec::new();
             let mut seen_aliases = HashSet::from([found.alias.clone()]);
-            let mut stack: Vec<(String, usize)> =
-                found.entry.dests.iter().rev().map(|d| (d.clone(), 1)).collect();
+            let mut stack: Vec<(String, usize)> = found
+                .entry
+                .dests
+                .iter()
+                .rev()
+                .map(|d| (d.clone(), 1))
+                .collect();
             while let Some((dest, depth)) = stack.pop() {
                 let Ok(m) = Mailbox::parse(&dest) else {
                     let mut r = rcpt(&orig, &found.alias, &mail_from, &dest, policy);
@@ -104,7 +111,11 @@ pub fn expand(
                         Some(next) if depth < cfg.delivery.max_alias_depth => {
                             if seen_aliases.insert(next.alias.clone()) {
                                 stack.extend(
-                                    next.entry.dests.iter().rev().map(|d| (d.clone(), depth + 1)),
+                                    next.entry
+                                        .dests
+                                        .iter()
+                                        .rev()
+                                        .map(|d| (d.clone(), depth + 1)),
                                 );
                             }
                             continue;
@@ -117,7 +128,11 @@ pub fn expand(
                         }
                         None => {
                             let mut r = rcpt(&orig, &found.alias, &mail_from, &dest, policy);
-                            fail(&mut r, "5.1.1", "destination is in a local domain but unknown");
+                            fail(
+                                &mut r,
+                                "5.1.1",
+                                "destination is in a local domain but unknown",
+                            );
                             out.push(r);
                             continue;
                         }
@@ -149,11 +164,20 @@ mod tests {
         let t = Table::open(&dir.path().join("t"), 1 << 20, Some('+'), 8).unwrap();
         let cfg = Config::default();
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        t.add("list@a.test", &s(&["x@d.test", "alice@a.test"]), BouncePolicy::Forward)
+        t.add(
+            "list@a.test",
+            &s(&["x@d.test", "alice@a.test"]),
+            BouncePolicy::Forward,
+        )
+        .unwrap();
+        t.add(
+            "alice@a.test",
+            &s(&["alice@d.test", "x@d.test"]),
+            BouncePolicy::Pool,
+        )
+        .unwrap();
+        t.add("@c.test", &s(&["all@d.test"]), BouncePolicy::Pool)
             .unwrap();
-        t.add("alice@a.test", &s(&["alice@d.test", "x@d.test"]), BouncePolicy::Pool)
-            .unwrap();
-        t.add("@c.test", &s(&["all@d.test"]), BouncePolicy::Pool).unwrap();
         let target = |a: &str| {
             let m = Mailbox::parse(a).unwrap();
             Target::Alias {

@@ -27,10 +27,13 @@
 //! - **attempt**: one delivery try of one queued message to one next hop.
 //! - **bounce policy**: per alias, `pool` (2a) or `forward` (2b).
 
+pub mod bounce;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod delivery;
+pub mod dns;
 pub mod forward;
 pub mod inbound;
 pub mod queue;

@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "tenso", version, about = "A forwarding mail relay for alias domains")]
+#[command(
+    name = "tenso",
+    version,
+    about = "A forwarding mail relay for alias domains"
+)]
 pub struct Cli {
     /// Config file (TOML). Without it, embedded defaults are used.
     #[arg(long, global = true, value_name = "FILE")]
@@ -163,6 +167,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -177,7 +182,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tenso: cannot start runtime: {e}");
@@ -200,7 +208,9 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 }
             };
         }
-        Command::Config { cmd: ConfigCmd::Check } => {
+        Command::Config {
+            cmd: ConfigCmd::Check,
+        } => {
             print!("# config is valid\n{}", cfg.to_toml());
             return ExitCode::SUCCESS;
         }
@@ -209,7 +219,15 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 alias,
                 dests,
                 bounce,
-            } => (Request::UserAdd { alias, dests, bounce }, false, output::Kind::Alias),
+            } => (
+                Request::UserAdd {
+                    alias,
+                    dests,
+                    bounce,
+                },
+                false,
+                output::Kind::Alias,
+            ),
             UserCmd::Set {
                 alias,
                 dests,
@@ -226,7 +244,9 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 output::Kind::Alias,
             ),
             UserCmd::Remove { alias } => (Request::UserRemove { alias }, false, output::Kind::Done),
-            UserCmd::Show { alias, json } => (Request::UserShow { alias }, json, output::Kind::Alias),
+            UserCmd::Show { alias, json } => {
+                (Request::UserShow { alias }, json, output::Kind::Alias)
+            }
             UserCmd::List { domain, json } => {
                 (Request::UserList { domain }, json, output::Kind::AliasList)
             }
@@ -273,7 +293,9 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
         }
         Command::Queue { cmd } => match cmd {
             QueueCmd::List { json } => (Request::QueueList, json, output::Kind::QueueList),
-            QueueCmd::Show { id, json } => (Request::QueueShow { id }, json, output::Kind::QueueShow),
+            QueueCmd::Show { id, json } => {
+                (Request::QueueShow { id }, json, output::Kind::QueueShow)
+            }
             QueueCmd::Flush { id } => (Request::QueueFlush { id }, false, output::Kind::Done),
             QueueCmd::Remove { id } => (Request::QueueRemove { id }, false, output::Kind::Done),
             QueueCmd::Hold { id } => (Request::QueueHold { id }, false, output::Kind::Done),

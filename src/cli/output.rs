@@ -69,7 +69,12 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
         }
         Kind::AliasList => {
             for a in d.as_array().into_iter().flatten() {
-                println!("{}\t{}\t{}", s(&a["alias"]), s(&a["bounce"]), dests(&a["dests"]));
+                println!(
+                    "{}\t{}\t{}",
+                    s(&a["alias"]),
+                    s(&a["bounce"]),
+                    dests(&a["dests"])
+                );
             }
         }
         Kind::Lines => {
@@ -98,12 +103,15 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
         }
         Kind::Export => print!("{}", s(&d["text"])),
         Kind::QueueList => {
-            println!("{:<18} {:>8} {:>5} {:<8} {:<30} recipients", "id", "size", "age", "next", "sender");
-            let now = crate::time::unix_now();
+            println!(
+                "{:<18} {:>8} {:>5} {:<8} {:<30} recipients",
+                "id", "size", "age", "next", "sender"
+            );
+            let now = crate::time::unix_now() * 1000;
             for m in d.as_array().into_iter().flatten() {
                 let next = match (m["held"].as_bool(), m["next_attempt"].as_i64()) {
                     (Some(true), _) => "held".to_string(),
-                    (_, Some(t)) if t > now => crate::time::age(t - now),
+                    (_, Some(t)) if t > now => crate::time::age((t - now) / 1000),
                     (_, Some(_)) => "now".to_string(),
                     _ => "-".to_string(),
                 };

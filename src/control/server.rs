@@ -47,7 +47,9 @@ pub async fn run(server: Arc<Server>, listener: UnixListener) {
             if uid != Some(0) && uid != Some(me) {
                 tracing::warn!(peer_uid = ?uid, "admin socket: refused peer (not root, not the daemon's uid)");
                 let mut sock = sock;
-                let resp = Response::err("permission denied: only root or the daemon's user may administer tenso");
+                let resp = Response::err(
+                    "permission denied: only root or the daemon's user may administer tenso",
+                );
                 let _ = write_response(&mut sock, &resp).await;
                 return;
             }

@@ -3,8 +3,8 @@
 use super::session::Session;
 use crate::forward;
 use crate::smtp::Reply;
-use crate::smtp::header::{count_fields, field_values, header_section};
 use crate::smtp::codec::{DataDecoder, DataError};
+use crate::smtp::header::{count_fields, field_values, header_section};
 use crate::spool::{Envelope, MessageKind, RcptState};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,10 +25,16 @@ impl Session {
 
     pub(super) async fn end_of_data(&mut self, dec: DataDecoder) {
         let body = std::mem::take(&mut self.data);
-        let tx = self.tx.take().expect("DATA only starts inside a transaction");
+        let tx = self
+            .tx
+            .take()
+            .expect("DATA only starts inside a transaction");
         let client = self.peer.ip();
         if let Some(err) = dec.error {
-            self.ctx.counters.refused_data.fetch_add(1, Ordering::Relaxed);
+            self.ctx
+                .counters
+                .refused_data
+                .fetch_add(1, Ordering::Relaxed);
             let reply = match err {
                 DataError::TooBig => Reply::new(
                     552,
@@ -55,7 +61,10 @@ impl Session {
         let headers = header_section(&body);
         let hops = count_fields(headers, "received");
         if hops > self.ctx.cfg.delivery.max_hops {
-            self.ctx.counters.refused_data.fetch_add(1, Ordering::Relaxed);
+            self.ctx
+                .counters
+                .refused_data
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(client = %client, hops, "message refused: too many hops");
             return self.reply(Reply::new(
                 554,
@@ -74,8 +83,9 @@ impl Session {
                     // before, so forwarding it again would loop.
                     for x in r.iter_mut() {
                         if x.state == RcptState::Pending
-                            && delivered_to.iter().any(|d| d.eq_ignore_ascii_case(&x.mail_from))
-                            && !x.mail_from.is_empty()
+                            && delivered_to
+                                .iter()
+                                .any(|d| d.eq_ignore_ascii_case(&x.trace_id()))
                         {
                             forward::fail(x, "5.4.6", "mail forwarding loop for this alias");
                         }
@@ -84,7 +94,11 @@ impl Session {
                 }
                 Err(e) => {
                     tracing::error!(queue_id = %id, error = %e, "table lookup failed");
-                    return self.reply(Reply::new(451, "4.3.0", "temporary failure, try again later"));
+                    return self.reply(Reply::new(
+                        451,
+                        "4.3.0",
+                        "temporary failure, try again later",
+                    ));
                 }
             }
         }
@@ -111,7 +125,11 @@ impl Session {
         let msg = Arc::new(msg);
         if let Err(e) = self.ctx.spool.commit(&env, msg.clone()).await {
             tracing::error!(queue_id = %id, client = %client, error = %e, "cannot commit message");
-            return self.reply(Reply::new(451, "4.3.0", "temporary failure: could not queue message"));
+            return self.reply(Reply::new(
+                451,
+                "4.3.0",
+                "temporary failure: could not queue message",
+            ));
         }
         self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
@@ -148,11 +166,15 @@ impl Session {
             std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
         };
         let host = &self.ctx.cfg.hostname;
-        let mut h = format!("Received: from {helo} ({ip_lit})\r\n\tby {host} (tenso) with {proto} id {id}");
+        let mut h =
+            format!("Received: from {helo} ({ip_lit})\r\n\tby {host} (tenso) with {proto} id {id}");
         if let [t] = targets {
             h.push_str(&format!("\r\n\tfor <{}>", t.written()));
         }
-        h.push_str(&format!("; {}\r\n", crate::time::rfc5322_date(crate::time::unix_now())));
+        h.push_str(&format!(
+            "; {}\r\n",
+            crate::time::rfc5322_date(crate::time::unix_now())
+        ));
         out.extend_from_slice(h.as_bytes());
     }
 }

@@ -138,7 +138,10 @@ impl Session {
                 written: m.to_string(),
             }),
             _ => {
-                self.ctx.counters.rejected_rcpt.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .counters
+                    .rejected_rcpt
+                    .fetch_add(1, Ordering::Relaxed);
                 Reply::new(550, "5.1.1", "user unknown")
             }
         }

@@ -74,9 +74,9 @@ impl Inbound {
 pub async fn bind(cfg: &Config) -> std::io::Result<Vec<(TcpListener, SocketAddr)>> {
     let mut out = Vec::new();
     for addr in &cfg.smtp.listen {
-        let l = TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-        })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let local = l.local_addr()?;
         out.push((l, local));
     }
@@ -84,7 +84,11 @@ pub async fn bind(cfg: &Config) -> std::io::Result<Vec<(TcpListener, SocketAddr)
 }
 
 /// Accepts clients until `shutdown` flips to true.
-pub async fn run(inbound: Arc<Inbound>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    inbound: Arc<Inbound>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (sock, peer) = tokio::select! {
             r = listener.accept() => match r {

@@ -51,8 +51,12 @@ pub(super) struct Session {
 
 pub(super) async fn refuse_busy(ctx: Arc<Inbound>, mut sock: TcpStream) {
     let mut out = Vec::new();
-    Reply::new(421, "4.7.0", format!("{} too many connections, try again later", ctx.cfg.hostname))
-        .write_to(&mut out);
+    Reply::new(
+        421,
+        "4.7.0",
+        format!("{} too many connections, try again later", ctx.cfg.hostname),
+    )
+    .write_to(&mut out);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.write_all(&out)).await;
 }
 
@@ -112,7 +116,11 @@ impl Session {
                 return Ok(());
             }
             if self.errors >= MAX_ERRORS {
-                self.reply(Reply::new(421, "4.7.0", "too many errors, closing connection"));
+                self.reply(Reply::new(
+                    421,
+                    "4.7.0",
+                    "too many errors, closing connection",
+                ));
                 self.flush().await?;
                 return Ok(());
             }
@@ -161,9 +169,11 @@ impl Session {
             }
             match self.framer.next_frame(&mut self.inbuf) {
                 None => return,
-                Some(Frame::TooLong) => {
-                    self.reply(Reply::new(500, "5.5.2", "command line too long (512 octets max)"))
-                }
+                Some(Frame::TooLong) => self.reply(Reply::new(
+                    500,
+                    "5.5.2",
+                    "command line too long (512 octets max)",
+                )),
                 Some(Frame::BareNewline) => self.reply(Reply::new(
                     500,
                     "5.5.2",
@@ -266,9 +276,7 @@ fn parse_error_reply(e: &smtp_proto::Error, line: &str) -> Reply {
     match e {
         E::UnknownCommand => Reply::new(500, "5.5.1", "command unrecognized"),
         E::InvalidSenderAddress => Reply::new(501, "5.1.7", "bad sender address syntax"),
-        E::InvalidRecipientAddress => {
-            Reply::new(501, "5.1.3", "bad recipient address syntax")
-        }
+        E::InvalidRecipientAddress => Reply::new(501, "5.1.3", "bad recipient address syntax"),
         E::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("syntax: {syntax}")),
         E::InvalidParameter { param } => {
             Reply::new(501, "5.5.4", format!("invalid value for parameter {param}"))

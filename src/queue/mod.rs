@@ -1,49 +1,503 @@
-//! The queue manager: which committed message is due, and handing it to delivery.
+//! The queue manager: keeps every committed message, knows when each is due, runs
+//! delivery attempts, applies their outcomes, retries, expires, and asks the bounce
+//! step for DSNs.
 //!
-//! (Scheduler under construction: this version keeps accepted messages waiting.)
+//! One task owns the schedule (a `BTreeSet<(due, id)>`, as in mini-redis); attempts
+//! run as separate tasks under a global concurrency limit and report back. Every
+//! outcome is written to the spool before the message is scheduled again, and a
+//! DSN is committed before the failure it reports is recorded, so a crash can
+//! repeat an attempt or a DSN but never lose one. At start the spool's committed
+//! envelopes are loaded and resume exactly where they stopped.
 
-use crate::spool::{Envelope, Spool, SpoolError};
+use crate::bounce::{Bounce, dsn::Action};
+use crate::config::Config;
+use crate::delivery::{Delivery, Job, Outcome};
+use crate::smtp::header::header_section;
+use crate::spool::{Envelope, Rcpt, RcptState, Spool, SpoolError};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
-pub enum QueueMsg {
+type Reply = oneshot::Sender<Result<(), String>>;
+
+pub enum Cmd {
     Enqueue(Envelope, Option<Arc<Vec<u8>>>),
     Flush(Option<String>),
+    Hold(String, bool, Reply),
+    Remove(String, Reply),
+}
+
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub delivered: AtomicU64,
+    pub deferred: AtomicU64,
+    pub failed: AtomicU64,
+    pub attempts: AtomicU64,
 }
 
 #[derive(Clone)]
 pub struct QueueHandle {
-    tx: mpsc::UnboundedSender<QueueMsg>,
-    spool: Spool,
+    tx: mpsc::UnboundedSender<Cmd>,
+    pub counters: Arc<Counters>,
 }
 
 impl QueueHandle {
     pub fn enqueue(&self, env: Envelope, body: Option<Arc<Vec<u8>>>) {
-        let _ = self.tx.send(QueueMsg::Enqueue(env, body));
+        let _ = self.tx.send(Cmd::Enqueue(env, body));
     }
+
     pub fn flush(&self, id: Option<String>) {
-        let _ = self.tx.send(QueueMsg::Flush(id));
+        let _ = self.tx.send(Cmd::Flush(id));
     }
-    pub async fn remove(&self, id: &str) -> Result<(), SpoolError> {
-        self.spool.remove(id).await
+
+    async fn ask(&self, make: impl FnOnce(Reply) -> Cmd) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .map_err(|_| "queue manager stopped".to_string())?;
+        rx.await.map_err(|_| "queue manager stopped".to_string())?
     }
-    pub async fn set_held(&self, id: &str, held: bool) -> Result<(), SpoolError> {
-        let mut env = self.spool.read_envelope(id)?;
-        env.held = held;
-        self.spool.update(&env).await
+
+    pub async fn remove(&self, id: &str) -> Result<(), String> {
+        self.ask(|r| Cmd::Remove(id.to_string(), r)).await
+    }
+
+    pub async fn set_held(&self, id: &str, held: bool) -> Result<(), String> {
+        self.ask(|r| Cmd::Hold(id.to_string(), held, r)).await
+    }
+
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        serde_json::json!({
+            "delivered": g(&c.delivered),
+            "deferred": g(&c.deferred),
+            "failed": g(&c.failed),
+            "attempts": g(&c.attempts),
+        })
     }
 }
 
-pub fn start(spool: Spool, initial: Vec<Envelope>) -> QueueHandle {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut waiting: Vec<Envelope> = initial;
-        while let Some(msg) = rx.recv().await {
-            match msg {
-                QueueMsg::Enqueue(env, _) => waiting.push(env),
-                QueueMsg::Flush(_) => {}
+struct Entry {
+    env: Envelope,
+    body: Option<Arc<Vec<u8>>>,
+    running: bool,
+    due: Option<i64>,
+    /// A flush arrived while an attempt was running: apply it when it ends.
+    flush: bool,
+}
+
+fn flush_entry(e: &mut Entry) {
+    if e.running {
+        e.flush = true;
+        return;
+    }
+    let t = now_ms();
+    for r in e.env.rcpts.iter_mut().filter(|r| r.is_pending()) {
+        r.next_attempt = r.next_attempt.min(t);
+    }
+}
+
+/// What an attempt needs, shared by all attempts.
+pub struct Worker {
+    pub cfg: Arc<Config>,
+    pub spool: Spool,
+    pub delivery: Arc<Delivery>,
+    pub bounce: Arc<Bounce>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Starts the queue manager with the messages recovered from the spool.
+pub fn start(worker: Arc<Worker>, initial: Vec<Envelope>) -> QueueHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = QueueHandle {
+        tx,
+        counters: Arc::new(Counters::default()),
+    };
+    let h = handle.clone();
+    tokio::spawn(run(worker, h, rx, initial));
+    handle
+}
+
+fn due_of(env: &Envelope) -> Option<i64> {
+    if env.held {
+        return None;
+    }
+    env.next_due()
+}
+
+async fn run(
+    worker: Arc<Worker>,
+    handle: QueueHandle,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    initial: Vec<Envelope>,
+) {
+    let mut entries: HashMap<String, Entry> = HashMap::new();
+    let mut timers: BTreeSet<(i64, String)> = BTreeSet::new();
+    let permits = Arc::new(Semaphore::new(worker.cfg.delivery.max_concurrency.max(1)));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<Envelope>)>();
+
+    let schedule =
+        |entries: &mut HashMap<String, Entry>, timers: &mut BTreeSet<(i64, String)>, id: &str| {
+            if let Some(e) = entries.get_mut(id) {
+                e.due = due_of(&e.env);
+                if let Some(d) = e.due {
+                    timers.insert((d, id.to_string()));
+                }
+            }
+        };
+    for env in initial {
+        let id = env.id.clone();
+        entries.insert(
+            id.clone(),
+            Entry {
+                env,
+                body: None,
+                running: false,
+                due: None,
+                flush: false,
+            },
+        );
+        schedule(&mut entries, &mut timers, &id);
+    }
+
+    loop {
+        let now = now_ms();
+        while let Some((due, id)) = timers.first().cloned() {
+            if due > now {
+                break;
+            }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            timers.pop_first();
+            let Some(e) = entries.get_mut(&id) else {
+                continue;
+            };
+            if e.running || e.due != Some(due) {
+                continue;
+            }
+            e.running = true;
+            e.due = None;
+            let env = e.env.clone();
+            let body = e.body.take();
+            let worker = worker.clone();
+            let handle = handle.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let id = env.id.clone();
+                let res = worker.attempt(env, body, &handle).await;
+                drop(permit);
+                let _ = done.send((id, res));
+            });
+        }
+        let next = timers.first().map(|(d, _)| *d);
+        let can_launch = permits.available_permits() > 0;
+        let sleep_ms = match next {
+            Some(d) if can_launch => (d - now_ms()).clamp(0, 3_600_000),
+            _ => 3_600_000,
+        };
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    Cmd::Enqueue(env, body) => {
+                        let id = env.id.clone();
+                        entries.insert(id.clone(), Entry { env, body, running: false, due: None, flush: false });
+                        schedule(&mut entries, &mut timers, &id);
+                    }
+                    Cmd::Flush(target) => {
+                        worker.delivery.forget_dead_hosts();
+                        let ids: Vec<String> = match target {
+                            Some(id) => vec![id],
+                            None => entries.keys().cloned().collect(),
+                        };
+                        for id in ids {
+                            if let Some(e) = entries.get_mut(&id) {
+                                flush_entry(e);
+                                if !e.running {
+                                    schedule(&mut entries, &mut timers, &id);
+                                }
+                            }
+                        }
+                    }
+                    Cmd::Hold(id, held, reply) => {
+                        let res = match entries.get_mut(&id) {
+                            None => Err(format!("no such message in the queue: {id}")),
+                            Some(e) if e.running => Err(format!("{id} is being delivered right now; try again")),
+                            Some(e) => {
+                                e.env.held = held;
+                                match worker.spool.update(&e.env).await {
+                                    Ok(()) => Ok(()),
+                                    Err(err) => Err(err.to_string()),
+                                }
+                            }
+                        };
+                        if res.is_ok() {
+                            schedule(&mut entries, &mut timers, &id);
+                        }
+                        let _ = reply.send(res);
+                    }
+                    Cmd::Remove(id, reply) => {
+                        let res = match entries.get(&id) {
+                            None => Err(format!("no such message in the queue: {id}")),
+                            Some(e) if e.running => Err(format!("{id} is being delivered right now; try again")),
+                            Some(_) => worker.spool.remove(&id).await.map_err(|e| e.to_string()),
+                        };
+                        if res.is_ok() {
+                            entries.remove(&id);
+                            tracing::info!(queue_id = %id, "removed by admin");
+                        }
+                        let _ = reply.send(res);
+                    }
+                }
+            }
+            done = done_rx.recv() => {
+                let Some((id, res)) = done else { continue };
+                match res {
+                    None => { entries.remove(&id); }
+                    Some(env) => {
+                        if let Some(e) = entries.get_mut(&id) {
+                            e.env = env;
+                            e.running = false;
+                            if std::mem::take(&mut e.flush) {
+                                flush_entry(e);
+                            }
+                            schedule(&mut entries, &mut timers, &id);
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(sleep_ms as u64)) => {}
+        }
+    }
+}
+
+impl Worker {
+    fn retry_delay_ms(&self, attempts: u32) -> i64 {
+        let r = &self.cfg.queue.retry;
+        let i = (attempts.max(1) as usize - 1).min(r.len() - 1);
+        r[i].as_millis() as i64
+    }
+
+    /// One attempt over every due recipient of `env`. Returns the updated envelope,
+    /// or None when the message is finished and gone from the spool.
+    async fn attempt(
+        &self,
+        mut env: Envelope,
+        body: Option<Arc<Vec<u8>>>,
+        handle: &QueueHandle,
+    ) -> Option<Envelope> {
+        let body = match body {
+            Some(b) => b,
+            None => match self.spool.read_body_async(&env.id).await {
+                Ok(b) => Arc::new(b),
+                Err(e) => {
+                    tracing::error!(queue_id = %env.id, error = %e, "cannot read message body; retrying later");
+                    let t = now_ms() + 60_000;
+                    for r in env.rcpts.iter_mut().filter(|r| r.is_pending()) {
+                        r.next_attempt = t;
+                    }
+                    return Some(env);
+                }
+            },
+        };
+        handle.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let due: Vec<usize> = (0..env.rcpts.len())
+            .filter(|&i| env.rcpts[i].is_pending() && env.rcpts[i].next_attempt <= now)
+            .collect();
+        let mut results: Vec<(usize, Outcome, Option<String>)> = Vec::new();
+
+        // Local pool targets (postmaster without a forward address).
+        for &i in &due {
+            if let Some(pool) = env.rcpts[i].pool.clone() {
+                let o = match self.bounce.to_pool(&pool, body.to_vec()).await {
+                    Ok(id) => Outcome::Delivered(format!("stored in local pool {pool} as {id}")),
+                    Err(e) => Outcome::Deferred("4.3.0".into(), format!("pool write failed: {e}")),
+                };
+                results.push((i, o, None));
             }
         }
-    });
-    QueueHandle { tx, spool }
+
+        // Remote groups: one transaction per (reverse-path, alias, destination domain).
+        let mut groups: BTreeMap<(String, String, String), Vec<usize>> = BTreeMap::new();
+        for &i in &due {
+            let r = &env.rcpts[i];
+            if r.pool.is_none() {
+                groups
+                    .entry((
+                        r.mail_from.clone(),
+                        r.trace_id(),
+                        r.dest_domain().to_lowercase(),
+                    ))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        let headers_ascii = header_section(&body).is_ascii();
+        let mut set = tokio::task::JoinSet::new();
+        for ((mail_from, trace, domain), idx) in groups {
+            let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].dest.clone()).collect();
+            let needs_smtputf8 = !mail_from.is_ascii()
+                || rcpts.iter().any(|r| !r.is_ascii())
+                || (env.smtputf8 && !headers_ascii);
+            let mut message = Vec::with_capacity(body.len() + trace.len() + 16);
+            message.extend_from_slice(format!("Delivered-To: {trace}\r\n").as_bytes());
+            message.extend_from_slice(&body);
+            let delivery = self.delivery.clone();
+            let id = env.id.clone();
+            let eight_bit = env.eight_bit;
+            set.spawn(async move {
+                let job = Job {
+                    queue_id: &id,
+                    domain: &domain,
+                    mail_from: &mail_from,
+                    rcpts,
+                    message: &message,
+                    needs_smtputf8,
+                    eight_bit,
+                    env_id: Some(&id),
+                };
+                let report = delivery.deliver(&job).await;
+                (idx, report)
+            });
+        }
+        while let Some(res) = set.join_next().await {
+            match res {
+                Ok((idx, report)) => {
+                    for (k, o) in report.outcomes.into_iter().enumerate() {
+                        results.push((idx[k], o, report.remote_mta.clone()));
+                    }
+                }
+                Err(e) => tracing::error!(queue_id = %env.id, error = %e, "delivery task failed"),
+            }
+        }
+
+        let now = now_ms();
+        let lifetime_end = env.arrival * 1000 + self.cfg.queue.max_lifetime.as_millis() as i64;
+        let mut failed = Vec::new();
+        for (i, outcome, mta) in results {
+            let r = &mut env.rcpts[i];
+            r.remote_mta = mta.or(r.remote_mta.take());
+            match outcome {
+                Outcome::Delivered(reply) => {
+                    handle.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(queue_id = %env.id, from = %r.mail_from, to = %r.dest, relay = ?r.remote_mta, reply = %reply, "delivered");
+                    r.state = RcptState::Delivered;
+                    r.last = Some(reply);
+                    r.status = Some("2.0.0".into());
+                }
+                Outcome::Failed(status, text) => {
+                    handle.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(queue_id = %env.id, from = %r.mail_from, to = %r.dest, relay = ?r.remote_mta, %status, reply = %text, "failed permanently");
+                    r.state = RcptState::Failed;
+                    r.status = Some(status);
+                    r.last = Some(text);
+                    failed.push(i);
+                }
+                Outcome::Deferred(status, text) => {
+                    r.attempts += 1;
+                    let next = now + self.retry_delay_ms(r.attempts);
+                    r.status = Some(status.clone());
+                    r.last = Some(text.clone());
+                    if next > lifetime_end {
+                        handle.counters.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(queue_id = %env.id, to = %r.dest, %status, reply = %text, "expired: giving up");
+                        r.state = RcptState::Failed;
+                        r.status = Some("4.4.7".into());
+                        r.last = Some(format!(
+                            "message expired after {} attempts; last error: {text}",
+                            r.attempts
+                        ));
+                        failed.push(i);
+                    } else {
+                        handle.counters.deferred.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(queue_id = %env.id, to = %r.dest, %status, reply = %text, retry_in_s = (next - now) / 1000, "deferred");
+                        r.next_attempt = next;
+                    }
+                }
+            }
+        }
+
+        // Failures recorded at acceptance (loops, unknown local destinations) and
+        // failures whose report could not be stored before are reported now.
+        for (i, r) in env.rcpts.iter().enumerate() {
+            if r.state == RcptState::Failed
+                && !r.reported
+                && r.next_attempt <= now
+                && !failed.contains(&i)
+            {
+                failed.push(i);
+            }
+        }
+
+        let mut delayed = Vec::new();
+        if let Some(dw) = self.cfg.queue.delay_warning
+            && now - env.arrival * 1000 >= dw.as_millis() as i64
+        {
+            for (i, r) in env.rcpts.iter_mut().enumerate() {
+                if r.is_pending() && !r.warned && r.attempts > 0 {
+                    r.warned = true;
+                    delayed.push(i);
+                }
+            }
+        }
+
+        for (list, action) in [(&failed, Action::Failed), (&delayed, Action::Delayed)] {
+            if list.is_empty() {
+                continue;
+            }
+            let refs: Vec<&Rcpt> = list.iter().map(|&i| &env.rcpts[i]).collect();
+            match self.bounce.report(&env, &body, &refs, action).await {
+                Ok(queued) => {
+                    for (e, b) in queued {
+                        handle.enqueue(e, Some(b));
+                    }
+                    if action == Action::Failed {
+                        for &i in list.iter() {
+                            env.rcpts[i].reported = true;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The DSN could not be stored: the recipient stays unreported and
+                    // the message stays queued, so the report is retried, not lost.
+                    tracing::error!(queue_id = %env.id, error = %e, "cannot store DSN; will retry");
+                    for &i in list.iter() {
+                        let r = &mut env.rcpts[i];
+                        r.next_attempt = now + 60_000;
+                        if action == Action::Delayed {
+                            r.warned = false;
+                        }
+                    }
+                }
+            }
+        }
+
+        if env.is_done() {
+            match self.spool.remove(&env.id).await {
+                Ok(()) | Err(SpoolError::NotFound(_)) => {
+                    tracing::info!(queue_id = %env.id, "removed");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %env.id, error = %e, "cannot remove finished message");
+                    None
+                }
+            }
+        } else {
+            if let Err(e) = self.spool.update(&env).await {
+                tracing::error!(queue_id = %env.id, error = %e, "cannot record delivery state");
+            }
+            Some(env)
+        }
+    }
 }

@@ -69,7 +69,9 @@ impl Mailbox {
             let end = end.ok_or(AddressError::Syntax("unterminated quoted string"))?;
             (out, &body[end..])
         } else {
-            let at = s.rfind('@').ok_or(AddressError::Syntax("missing @domain"))?;
+            let at = s
+                .rfind('@')
+                .ok_or(AddressError::Syntax("missing @domain"))?;
             let local = &s[..at];
             if local.is_empty()
                 || local.starts_with('.')
@@ -100,7 +102,11 @@ impl Mailbox {
     /// The lookup key: lowercased. Domains are case-insensitive; local parts are
     /// matched case-insensitively too, as every widespread MTA does for its tables.
     pub fn key(&self) -> String {
-        format!("{}@{}", self.local.to_lowercase(), self.domain.to_lowercase())
+        format!(
+            "{}@{}",
+            self.local.to_lowercase(),
+            self.domain.to_lowercase()
+        )
     }
 
     pub fn domain_lower(&self) -> String {
@@ -267,7 +273,10 @@ mod tests {
             ("a.b+c@x.y", Ok(mb("a.b+c", "x.y"))),
             ("@r1.example,@r2.example:bob@x.y", Ok(mb("bob", "x.y"))),
             ("\"a b\"@x.y", Ok(mb("a b", "x.y"))),
-            ("\"u@other\"@alias.example", Ok(mb("u@other", "alias.example"))),
+            (
+                "\"u@other\"@alias.example",
+                Ok(mb("u@other", "alias.example")),
+            ),
             ("u%other@alias.example", Ok(mb("u%other", "alias.example"))),
             ("a@[127.0.0.1]", Ok(mb("a", "[127.0.0.1]"))),
             ("a@b@c", Err(())),
@@ -289,10 +298,7 @@ mod tests {
 
     #[test]
     fn utf8_needs_smtputf8() {
-        assert_eq!(
-            parse_path("jörg@x.de", false),
-            Err(AddressError::NeedsUtf8)
-        );
+        assert_eq!(parse_path("jörg@x.de", false), Err(AddressError::NeedsUtf8));
         assert!(parse_path("jörg@x.de", true).is_ok());
     }
 

@@ -211,26 +211,61 @@ mod tests {
 
     #[test]
     fn data_cases() {
-        type Case = (&'static [u8], &'static [u8], Option<DataError>, Option<&'static [u8]>);
+        type Case = (
+            &'static [u8],
+            &'static [u8],
+            Option<DataError>,
+            Option<&'static [u8]>,
+        );
         let cases: &[Case] = &[
-            (b"a\r\nb\r\n.\r\nQUIT\r\n", b"a\r\nb\r\n", None, Some(b"QUIT\r\n")),
+            (
+                b"a\r\nb\r\n.\r\nQUIT\r\n",
+                b"a\r\nb\r\n",
+                None,
+                Some(b"QUIT\r\n"),
+            ),
             (b".\r\n", b"", None, Some(b"")),
             (b"..x\r\n.\r\n", b".x\r\n", None, Some(b"")),
             (b"...\r\n.\r\n", b"..\r\n", None, Some(b"")),
             (b".x\r\n.\r\n", b"x\r\n", None, Some(b"")),
             // smuggling forms: none of these end DATA
-            (b"a\n.\nMAIL FROM:<x@y>\r\n", b"a", Some(DataError::BareLf), None),
+            (
+                b"a\n.\nMAIL FROM:<x@y>\r\n",
+                b"a",
+                Some(DataError::BareLf),
+                None,
+            ),
             (b"a\r\n.\nb\r\n", b"a\r\n", Some(DataError::BareLf), None),
             (b"a\n.\r\nb\r\n", b"a", Some(DataError::BareLf), None),
             (b"a\r.\rb\r\n", b"a", Some(DataError::BareCr), None),
             (b"a\rb\r\n.\r\n", b"a", Some(DataError::BareCr), Some(b"")),
-            (b"a\nb\r\n.\r\nNEXT", b"a", Some(DataError::BareLf), Some(b"NEXT")),
+            (
+                b"a\nb\r\n.\r\nNEXT",
+                b"a",
+                Some(DataError::BareLf),
+                Some(b"NEXT"),
+            ),
         ];
         for (input, want_out, want_err, want_rest) in cases {
             let (out, err, rest) = decode_all(&[input], 1 << 20);
-            assert_eq!(out, *want_out, "output for {:?}", String::from_utf8_lossy(input));
-            assert_eq!(err, *want_err, "error for {:?}", String::from_utf8_lossy(input));
-            assert_eq!(rest.as_deref(), *want_rest, "rest for {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                out,
+                *want_out,
+                "output for {:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert_eq!(
+                err,
+                *want_err,
+                "error for {:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert_eq!(
+                rest.as_deref(),
+                *want_rest,
+                "rest for {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -252,7 +287,10 @@ mod tests {
         assert_eq!(decode_all(&[&stuffed], 1 << 20).1, None);
         let mut long = vec![b'x'; 999];
         long.extend_from_slice(b"\r\n.\r\n");
-        assert_eq!(decode_all(&[&long], 1 << 20).1, Some(DataError::LineTooLong));
+        assert_eq!(
+            decode_all(&[&long], 1 << 20).1,
+            Some(DataError::LineTooLong)
+        );
     }
 
     #[test]
@@ -272,7 +310,10 @@ mod tests {
     fn framer() {
         let mut f = LineFramer::default();
         let mut buf = b"EHLO x\r\nNOOP\nRS".to_vec();
-        assert_eq!(f.next_frame(&mut buf), Some(Frame::Line(b"EHLO x".to_vec())));
+        assert_eq!(
+            f.next_frame(&mut buf),
+            Some(Frame::Line(b"EHLO x".to_vec()))
+        );
         assert_eq!(f.next_frame(&mut buf), Some(Frame::BareNewline));
         assert_eq!(f.next_frame(&mut buf), None);
         buf.extend_from_slice(b"ET\r\nA\rB\r\n");

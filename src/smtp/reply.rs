@@ -63,7 +63,9 @@ impl Reply {
     pub fn to_line(&self) -> String {
         let mut v = Vec::new();
         self.write_to(&mut v);
-        String::from_utf8_lossy(&v).trim_end().replace("\r\n", " / ")
+        String::from_utf8_lossy(&v)
+            .trim_end()
+            .replace("\r\n", " / ")
     }
 }
 

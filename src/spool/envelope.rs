@@ -45,7 +45,7 @@ pub struct Rcpt {
     pub state: RcptState,
     #[serde(default)]
     pub attempts: u32,
-    /// Unix time of the next attempt (0 = now).
+    /// Unix time in milliseconds of the next attempt (0 = now).
     #[serde(default)]
     pub next_attempt: i64,
     /// Last reply or failure reason, for `queue show` and DSNs.
@@ -56,11 +56,37 @@ pub struct Rcpt {
     pub status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_mta: Option<String>,
+    /// A delay DSN was already sent for this recipient.
+    #[serde(default)]
+    pub warned: bool,
+    /// The failure of this recipient has been reported (DSN stored, or none due).
+    #[serde(default)]
+    pub reported: bool,
 }
 
 impl Rcpt {
     pub fn is_pending(&self) -> bool {
         self.state == RcptState::Pending
+    }
+
+    /// Pending, or failed without its failure reported yet.
+    pub fn needs_work(&self) -> bool {
+        self.is_pending() || (self.state == RcptState::Failed && !self.reported)
+    }
+
+    /// The address this copy was forwarded for, as written into `Delivered-To:` and
+    /// checked for loops: the alias, or for a catch-all the address actually used.
+    pub fn trace_id(&self) -> String {
+        if self.alias.starts_with('@') {
+            self.orig.to_lowercase()
+        } else {
+            self.alias.clone()
+        }
+    }
+
+    /// The destination's domain (the next-hop key).
+    pub fn dest_domain(&self) -> &str {
+        self.dest.rsplit_once('@').map_or("", |(_, d)| d)
     }
 }
 
@@ -105,14 +131,14 @@ impl Envelope {
     }
 
     pub fn is_done(&self) -> bool {
-        self.rcpts.iter().all(|r| !r.is_pending())
+        self.rcpts.iter().all(|r| !r.needs_work())
     }
 
-    /// Earliest next attempt over the pending recipients.
+    /// Earliest time some recipient needs work (an attempt, or a failure to report).
     pub fn next_due(&self) -> Option<i64> {
         self.rcpts
             .iter()
-            .filter(|r| r.is_pending())
+            .filter(|r| r.needs_work())
             .map(|r| r.next_attempt)
             .min()
     }
@@ -144,6 +170,8 @@ impl Envelope {
                 last: None,
                 status: None,
                 remote_mta: None,
+                warned: false,
+                reported: false,
             }],
             notes: Vec::new(),
         }

@@ -345,7 +345,9 @@ mod tests {
         let q = d.path().join("q");
         let s = Spool::open(&q, &d.path().join("quar")).unwrap();
         let ok = s.new_id();
-        s.commit(&env(&ok), Arc::new(b"x\r\n".to_vec())).await.unwrap();
+        s.commit(&env(&ok), Arc::new(b"x\r\n".to_vec()))
+            .await
+            .unwrap();
         fs::write(q.join("AAA.msg"), b"partial").unwrap();
         fs::write(q.join("BBB.env.tmp"), b"{").unwrap();
         fs::write(q.join("CCC.env"), env("CCC").to_bytes()).unwrap();
@@ -356,7 +358,10 @@ mod tests {
         assert_eq!(rec.envelopes[0].id, ok);
         assert_eq!(rec.partial_removed, 2);
         assert_eq!(rec.quarantined, 2);
-        let left: Vec<_> = fs::read_dir(&q).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = fs::read_dir(&q)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(d.path().join("quar/CCC.env").exists());
     }

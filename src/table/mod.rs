@@ -215,7 +215,12 @@ impl Table {
         if self.domains.contains_key(d.as_bytes())? {
             return Ok(true);
         }
-        Ok(self.aliases.scan_prefix(key(&d, "")).next().transpose()?.is_some())
+        Ok(self
+            .aliases
+            .scan_prefix(key(&d, ""))
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     /// Finds the entry a recipient maps to: exact, then without the subaddress, then
@@ -268,7 +273,9 @@ impl Table {
         pending: &BTreeMap<Vec<u8>, AliasEntry>,
     ) -> Result<(), TableError> {
         if dests.is_empty() {
-            return Err(TableError::Invalid(format!("{alias}: no destination given")));
+            return Err(TableError::Invalid(format!(
+                "{alias}: no destination given"
+            )));
         }
         let lookup = |m: &Mailbox| -> Result<Option<(String, AliasEntry)>, TableError> {
             let d = m.domain_lower();
@@ -292,7 +299,10 @@ impl Table {
         };
         let is_local = |d: &str| -> Result<bool, TableError> {
             let k = key(d, "");
-            Ok(pending.range(k.clone()..).next().is_some_and(|(pk, _)| pk.starts_with(&k))
+            Ok(pending
+                .range(k.clone()..)
+                .next()
+                .is_some_and(|(pk, _)| pk.starts_with(&k))
                 || self.is_local_domain(d)?)
         };
         let me = alias.to_string();
@@ -426,7 +436,9 @@ impl Table {
     pub fn remove_domain(&self, domain: &str) -> Result<(), TableError> {
         let d = domain.to_lowercase();
         if self.domains.remove(d.as_bytes())?.is_none() {
-            return Err(TableError::NotFound(format!("domain {d} (added with `domain add`)")));
+            return Err(TableError::NotFound(format!(
+                "domain {d} (added with `domain add`)"
+            )));
         }
         self.flush()
     }
@@ -459,15 +471,19 @@ impl Table {
         bounce: BouncePolicy,
     ) -> Result<ImportReport, TableError> {
         let mut report = ImportReport {
-            bad: parsed.bad.iter().map(|b| (b.line, b.reason.clone())).collect(),
+            bad: parsed
+                .bad
+                .iter()
+                .map(|b| (b.line, b.reason.clone()))
+                .collect(),
             ..Default::default()
         };
         let now = crate::time::unix_now();
         let mut pending: BTreeMap<Vec<u8>, AliasEntry> = BTreeMap::new();
         let mut names = Vec::new();
         for e in &parsed.entries {
-            let checked = AliasName::parse(&e.alias)
-                .and_then(|n| Ok((n, Self::normalize_dests(&e.dests)?)));
+            let checked =
+                AliasName::parse(&e.alias).and_then(|n| Ok((n, Self::normalize_dests(&e.dests)?)));
             match checked {
                 Ok((name, dests)) => {
                     let old = self.get_raw(&name.domain, &name.local)?;
@@ -533,8 +549,7 @@ fn encode(e: &AliasEntry) -> Vec<u8> {
 }
 
 fn decode(v: &[u8]) -> Result<AliasEntry, TableError> {
-    serde_json::from_slice(v)
-        .map_err(|e| TableError::Invalid(format!("corrupt table entry: {e}")))
+    serde_json::from_slice(v).map_err(|e| TableError::Invalid(format!("corrupt table entry: {e}")))
 }
 
 #[cfg(test)]
@@ -554,8 +569,12 @@ mod tests {
     #[test]
     fn add_resolve_and_domains() {
         let (_d, t) = table();
-        t.add("Alice@Alias.Example", &s(&["a@dest.test"]), BouncePolicy::Pool)
-            .unwrap();
+        t.add(
+            "Alice@Alias.Example",
+            &s(&["a@dest.test"]),
+            BouncePolicy::Pool,
+        )
+        .unwrap();
         t.add("@catch.test", &s(&["c@dest.test"]), BouncePolicy::Forward)
             .unwrap();
         t.add_domain("empty.test").unwrap();
@@ -564,7 +583,10 @@ mod tests {
         assert!(!t.is_local_domain("dest.test").unwrap());
         let m = |x: &str| Mailbox::parse(x).unwrap();
         let f = t.resolve(&m("alice@alias.example")).unwrap().unwrap();
-        assert_eq!((f.alias.as_str(), f.kind), ("alice@alias.example", MatchKind::Exact));
+        assert_eq!(
+            (f.alias.as_str(), f.kind),
+            ("alice@alias.example", MatchKind::Exact)
+        );
         let f = t.resolve(&m("ALICE+tag@alias.example")).unwrap().unwrap();
         assert_eq!(f.kind, MatchKind::Subaddress);
         let f = t.resolve(&m("anyone@catch.test")).unwrap().unwrap();
@@ -579,16 +601,27 @@ mod tests {
     #[test]
     fn refuses_bad_input() {
         let (_d, t) = table();
-        t.add("a@x.test", &s(&["a@dest.test"]), BouncePolicy::Pool).unwrap();
+        t.add("a@x.test", &s(&["a@dest.test"]), BouncePolicy::Pool)
+            .unwrap();
         assert!(matches!(
             t.add("a@x.test", &s(&["b@dest.test"]), BouncePolicy::Pool),
             Err(TableError::Exists(_))
         ));
-        assert!(t.add("b@x.test", &s(&["not an address"]), BouncePolicy::Pool).is_err());
-        assert!(t.add("b@x.test", &s(&["nobody@x.test"]), BouncePolicy::Pool).is_err());
-        assert!(matches!(t.remove("zz@x.test"), Err(TableError::NotFound(_))));
+        assert!(
+            t.add("b@x.test", &s(&["not an address"]), BouncePolicy::Pool)
+                .is_err()
+        );
+        assert!(
+            t.add("b@x.test", &s(&["nobody@x.test"]), BouncePolicy::Pool)
+                .is_err()
+        );
+        assert!(matches!(
+            t.remove("zz@x.test"),
+            Err(TableError::NotFound(_))
+        ));
         // cycle: b -> a, then a -> b is refused
-        t.add("b@x.test", &s(&["a@x.test"]), BouncePolicy::Pool).unwrap();
+        t.add("b@x.test", &s(&["a@x.test"]), BouncePolicy::Pool)
+            .unwrap();
         let err = t
             .update("a@x.test", |e| e.dests = s(&["b@x.test"]))
             .unwrap_err();
@@ -601,6 +634,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _t = Table::open(&dir.path().join("t"), 1 << 20, None, 8).unwrap();
         let again = Table::open(&dir.path().join("t"), 1 << 20, None, 8);
-        assert!(matches!(again, Err(TableError::Locked(_))), "{:?}", again.err());
+        assert!(
+            matches!(again, Err(TableError::Locked(_))),
+            "{:?}",
+            again.err()
+        );
     }
 }

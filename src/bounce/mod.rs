@@ -1,0 +1,282 @@
+//! Bounces, both directions: tenso's own DSNs (RFC 3464) and the per-alias bounce
+//! policy that decides where a bounce goes — the local pool (2a) or the alias's
+//! destinations with `MAIL FROM:<>` (2b).
+//!
+//! Loop rules enforced here: a message with a null reverse-path never produces a
+//! DSN; a bounce forwarded under 2b that fails is dropped ("lost by design", counted);
+//! forwarded bounces per alias are rate-limited, the excess is pooled. New messages
+//! (DSNs to forward) are committed to the spool here and returned for the queue to
+//! schedule; this module never schedules or delivers anything itself.
+
+pub mod dsn;
+pub mod pool;
+
+use crate::config::{BouncePolicy, Config};
+use crate::smtp::header::header_section;
+use crate::spool::{Envelope, MessageKind, Rcpt, RcptState, Spool};
+use crate::table::Table;
+use dsn::{Action, DsnRecipient, DsnReport};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub dsn_generated: AtomicU64,
+    pub pooled: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub lost_by_design: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub no_dsn_null_sender: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "dsn_generated": g(&self.dsn_generated),
+            "pooled": g(&self.pooled),
+            "forwarded": g(&self.forwarded),
+            "lost_by_design": g(&self.lost_by_design),
+            "rate_limited": g(&self.rate_limited),
+            "no_dsn_null_sender": g(&self.no_dsn_null_sender),
+        })
+    }
+}
+
+/// A message the bounce step committed and the queue must schedule.
+pub type Queued = (Envelope, Arc<Vec<u8>>);
+
+pub struct Bounce {
+    cfg: Arc<Config>,
+    table: Table,
+    spool: Spool,
+    pub pool: Arc<pool::Pool>,
+    pub counters: Counters,
+    /// Forwarded bounces per alias in the current hour window.
+    rate: Mutex<HashMap<String, (i64, u32)>>,
+}
+
+impl Bounce {
+    pub fn new(cfg: Arc<Config>, table: Table, spool: Spool) -> Bounce {
+        let pool = Arc::new(pool::Pool::new(
+            cfg.pool_dir(),
+            &cfg.hostname,
+            cfg.pool.max_messages,
+            cfg.pool.max_bytes,
+        ));
+        Bounce {
+            cfg,
+            table,
+            spool,
+            pool,
+            counters: Counters::default(),
+            rate: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one forwarded-bounce slot for `alias`; false when over the hourly limit.
+    fn take_forward_slot(&self, alias: &str) -> bool {
+        let hour = crate::time::unix_now() / 3600;
+        let mut rate = self.rate.lock().expect("rate lock");
+        if rate.len() > 100_000 {
+            rate.retain(|_, (h, _)| *h == hour);
+        }
+        let e = rate.entry(alias.to_string()).or_insert((hour, 0));
+        if e.0 != hour {
+            *e = (hour, 0);
+        }
+        if e.1 >= self.cfg.bounce.forward_rate_per_hour {
+            return false;
+        }
+        e.1 += 1;
+        true
+    }
+
+    /// Stores a bounce in the alias's pool (blocking I/O on the blocking pool).
+    pub async fn to_pool(&self, alias: &str, msg: Vec<u8>) -> std::io::Result<String> {
+        let alias = alias.to_string();
+        let pool = self.pool.clone();
+        let id = tokio::task::spawn_blocking(move || pool.deliver(&alias, &msg))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.counters.pooled.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// Applies the alias's bounce policy to a bounce addressed to it: pool it, or
+    /// commit a copy for the alias's destinations with `MAIL FROM:<>`. Returns the
+    /// message to schedule, if any. Errors mean nothing was stored.
+    pub async fn dispatch(
+        &self,
+        alias: &str,
+        policy: BouncePolicy,
+        msg: Vec<u8>,
+        kind: MessageKind,
+        env_id_note: Option<String>,
+    ) -> Result<Option<Queued>, String> {
+        let dests = match policy {
+            BouncePolicy::Pool => None,
+            BouncePolicy::Forward => match self.table.get(alias) {
+                Ok(e) if self.take_forward_slot(alias) => Some(e.dests),
+                Ok(_) => {
+                    self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        alias,
+                        limit = self.cfg.bounce.forward_rate_per_hour,
+                        "bounce forward rate exceeded: pooling instead"
+                    );
+                    None
+                }
+                Err(_) => None,
+            },
+        };
+        let Some(dests) = dests else {
+            let id = self
+                .to_pool(alias, msg)
+                .await
+                .map_err(|e| format!("pool write failed: {e}"))?;
+            tracing::info!(alias, pool_id = %id, "bounce pooled (policy 2a)");
+            return Ok(None);
+        };
+        let id = self.spool.new_id();
+        let mut notes = Vec::new();
+        notes.extend(env_id_note);
+        let env = Envelope {
+            id: id.clone(),
+            kind,
+            arrival: crate::time::unix_now(),
+            client_ip: None,
+            helo: self.cfg.hostname.clone(),
+            reverse_path: String::new(),
+            env_id: None,
+            smtputf8: !msg.is_ascii() && !header_section(&msg).is_ascii(),
+            eight_bit: !msg.is_ascii(),
+            size: msg.len() as u64,
+            held: false,
+            rcpts: dests
+                .iter()
+                .map(|d| Rcpt {
+                    orig: alias.to_string(),
+                    alias: alias.to_string(),
+                    mail_from: String::new(),
+                    dest: d.clone(),
+                    pool: None,
+                    policy,
+                    state: RcptState::Pending,
+                    attempts: 0,
+                    next_attempt: 0,
+                    last: None,
+                    status: None,
+                    remote_mta: None,
+                    warned: false,
+                    reported: false,
+                })
+                .collect(),
+            notes,
+        };
+        let body = Arc::new(msg);
+        self.spool
+            .commit(&env, body.clone())
+            .await
+            .map_err(|e| format!("spool commit failed: {e}"))?;
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(queue_id = %id, alias, dests = dests.len(), "bounce queued for forwarding with MAIL FROM:<> (policy 2b)");
+        Ok(Some((env, body)))
+    }
+
+    /// tenso's own DSN about `rcpts` of `env` (failed, or delayed when `action` says
+    /// so), sent through each alias's policy. A message with a null reverse-path gets
+    /// none: that is what keeps bounces from looping.
+    pub async fn report(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        rcpts: &[&Rcpt],
+        action: Action,
+    ) -> Result<Vec<Queued>, String> {
+        if rcpts.is_empty() {
+            return Ok(Vec::new());
+        }
+        if env.reverse_path.is_empty() {
+            let n = rcpts.len() as u64;
+            if env.kind == MessageKind::ForwardedBounce || env.kind == MessageKind::Dsn {
+                self.counters.lost_by_design.fetch_add(n, Ordering::Relaxed);
+                for r in rcpts {
+                    tracing::warn!(queue_id = %env.id, alias = %r.alias, dest = %r.dest, status = ?r.status, "forwarded bounce undeliverable: lost by design (policy 2b), no further bounce");
+                }
+            } else {
+                self.counters
+                    .no_dsn_null_sender
+                    .fetch_add(n, Ordering::Relaxed);
+                for r in rcpts {
+                    tracing::info!(queue_id = %env.id, dest = %r.dest, "null-sender message undeliverable: no DSN");
+                }
+            }
+            return Ok(Vec::new());
+        }
+        // One DSN per alias: each goes through that alias's own policy.
+        let mut groups: BTreeMap<(String, String), Vec<&Rcpt>> = BTreeMap::new();
+        for r in rcpts {
+            groups
+                .entry((r.alias.clone(), r.mail_from.clone()))
+                .or_default()
+                .push(r);
+        }
+        let now = crate::time::unix_now();
+        let headers = header_section(body);
+        let mut out = Vec::new();
+        for ((alias, to), group) in groups {
+            let policy = group[0].policy;
+            let to = if to.is_empty() { alias.clone() } else { to };
+            let report = DsnReport {
+                reporting_mta: &self.cfg.hostname,
+                queue_id: &env.id,
+                original_envelope_id: env.env_id.as_deref(),
+                arrival: env.arrival,
+                now,
+                to: &to,
+                original_sender: &env.reverse_path,
+                recipients: group
+                    .iter()
+                    .map(|r| DsnRecipient {
+                        final_recipient: if r.dest.is_empty() {
+                            r.orig.clone()
+                        } else {
+                            r.dest.clone()
+                        },
+                        original_recipient: Some(r.orig.clone()),
+                        action,
+                        status: r.status.clone().unwrap_or_else(|| "5.0.0".into()),
+                        remote_mta: r.remote_mta.clone(),
+                        diagnostic: r.last.clone(),
+                        last_attempt: now,
+                        will_retry_until: (action == Action::Delayed)
+                            .then(|| env.arrival + self.cfg.queue.max_lifetime.as_secs() as i64),
+                    })
+                    .collect(),
+                original_headers: headers,
+                message_id: format!(
+                    "{}.{}@{}",
+                    env.id,
+                    if action == Action::Delayed {
+                        "delay"
+                    } else {
+                        "dsn"
+                    },
+                    self.cfg.hostname
+                ),
+            };
+            let msg = dsn::build_dsn(&report);
+            self.counters.dsn_generated.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(queue_id = %env.id, alias = %alias, recipients = group.len(), ?action, %policy, "DSN generated");
+            if let Some(q) = self
+                .dispatch(&alias, policy, msg, MessageKind::Dsn, None)
+                .await?
+            {
+                out.push(q);
+            }
+        }
+        Ok(out)
+    }
+}

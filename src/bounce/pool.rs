@@ -1,0 +1,251 @@
+//! The local bounce pool (the talk's proposal 2a): one Maildir per alias under
+//! `DATA_DIR/pool/<alias>/{tmp,new,cur}`, so any IMAP server (Dovecot) can serve it.
+//!
+//! Written by the Maildir delivery protocol — unique name in `tmp/`, write, fsync,
+//! rename into `new/`, fsync `new/` — so a pooled bounce survives a crash as soon as
+//! `deliver` returns. Per-alias limits (count, bytes) expire the oldest entries; every
+//! expiry is logged and counted, never silent. Blocking file I/O: call it from the
+//! blocking pool. Touches nothing outside the pool directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct Pool {
+    root: PathBuf,
+    hostname: String,
+    max_messages: usize,
+    max_bytes: u64,
+    seq: AtomicU64,
+    pub stored: AtomicU64,
+    pub expired: AtomicU64,
+}
+
+/// One pooled message, for listings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Entry {
+    pub id: String,
+    pub alias: String,
+    pub size: u64,
+    pub time: i64,
+    pub seen: bool,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// A directory name for an alias: addresses may hold `/` or start with `.`.
+pub fn dir_name(alias: &str) -> String {
+    let s: String = alias
+        .to_lowercase()
+        .chars()
+        .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+        .collect();
+    match s.strip_prefix('.') {
+        Some(rest) => format!("_{rest}"),
+        None => s,
+    }
+}
+
+fn sync_dir(p: &Path) -> io::Result<()> {
+    File::open(p)?.sync_all()
+}
+
+impl Pool {
+    pub fn new(root: PathBuf, hostname: &str, max_messages: usize, max_bytes: u64) -> Pool {
+        Pool {
+            root,
+            hostname: hostname.replace(['/', ':'], "_"),
+            max_messages,
+            max_bytes,
+            seq: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+        }
+    }
+
+    pub fn alias_dir(&self, alias: &str) -> PathBuf {
+        self.root.join(dir_name(alias))
+    }
+
+    /// Stores `msg` in the alias's Maildir, durably. Returns the new entry's id.
+    pub fn deliver(&self, alias: &str, msg: &[u8]) -> io::Result<String> {
+        let dir = self.alias_dir(alias);
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = format!(
+            "{}.M{:06}P{}Q{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed),
+            self.hostname
+        );
+        let name = format!("{id},S={}", msg.len());
+        let tmp = dir.join("tmp").join(&name);
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(msg)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, dir.join("new").join(&name))?;
+        sync_dir(&dir.join("new"))?;
+        self.stored.fetch_add(1, Ordering::Relaxed);
+        self.enforce_limits(alias)?;
+        Ok(id)
+    }
+
+    fn entries_of(&self, alias_dir: &Path, alias: &str, out: &mut Vec<Entry>) {
+        for (sub, seen) in [("new", false), ("cur", true)] {
+            let Ok(rd) = fs::read_dir(alias_dir.join(sub)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name.split([',', ':']).next().unwrap_or("").to_string();
+                let size = name
+                    .split(',')
+                    .find_map(|p| p.strip_prefix("S="))
+                    .and_then(|s| s.split(':').next()?.parse().ok())
+                    .or_else(|| e.metadata().ok().map(|m| m.len()))
+                    .unwrap_or(0);
+                let time = id
+                    .split('.')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                out.push(Entry {
+                    id,
+                    alias: alias.to_string(),
+                    size,
+                    time,
+                    seen,
+                    path: e.path(),
+                });
+            }
+        }
+    }
+
+    /// Pooled messages of one alias (or all), oldest first.
+    pub fn list(&self, alias: Option<&str>) -> Vec<Entry> {
+        let mut out = Vec::new();
+        match alias {
+            Some(a) => self.entries_of(&self.alias_dir(a), &dir_name(a), &mut out),
+            None => {
+                if let Ok(rd) = fs::read_dir(&self.root) {
+                    for d in rd.flatten() {
+                        let name = d.file_name().to_string_lossy().into_owned();
+                        self.entries_of(&d.path(), &name, &mut out);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        out
+    }
+
+    pub fn count(&self, alias: &str) -> usize {
+        self.list(Some(alias)).len()
+    }
+
+    pub fn find(&self, id: &str) -> Option<Entry> {
+        self.list(None).into_iter().find(|e| e.id == id)
+    }
+
+    pub fn read(&self, id: &str) -> io::Result<(Entry, Vec<u8>)> {
+        let e = self.find(id).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no pooled message {id}"))
+        })?;
+        let bytes = fs::read(&e.path)?;
+        Ok((e, bytes))
+    }
+
+    pub fn remove(&self, id: &str) -> io::Result<Entry> {
+        let e = self.find(id).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no pooled message {id}"))
+        })?;
+        fs::remove_file(&e.path)?;
+        Ok(e)
+    }
+
+    /// Removes entries older than `age_secs` (all when None); returns how many.
+    pub fn purge(&self, alias: Option<&str>, age_secs: Option<i64>) -> io::Result<usize> {
+        let now = crate::time::unix_now();
+        let mut n = 0;
+        for e in self.list(alias) {
+            if age_secs.is_none_or(|a| now - e.time >= a) {
+                fs::remove_file(&e.path)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn enforce_limits(&self, alias: &str) -> io::Result<()> {
+        let entries = self.list(Some(alias));
+        let mut count = entries.len();
+        let mut bytes: u64 = entries.iter().map(|e| e.size).sum();
+        for e in &entries {
+            if count <= self.max_messages && bytes <= self.max_bytes {
+                break;
+            }
+            fs::remove_file(&e.path)?;
+            count -= 1;
+            bytes -= e.size;
+            self.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                alias,
+                pool_id = %e.id,
+                size = e.size,
+                max_messages = self.max_messages,
+                max_bytes = self.max_bytes,
+                "pool full: oldest bounce expired"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maildir_delivery_and_limits() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Pool::new(d.path().join("pool"), "host", 3, 1 << 20);
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(
+                p.deliver("a@x.test", format!("Subject: {i}\r\n\r\nx\r\n").as_bytes())
+                    .unwrap(),
+            );
+        }
+        let left = p.list(Some("a@x.test"));
+        assert_eq!(left.len(), 3);
+        assert_eq!(p.expired.load(Ordering::Relaxed), 2);
+        assert_eq!(left[0].id, ids[2], "oldest expired first");
+        assert!(
+            d.path()
+                .join("pool/a@x.test/new")
+                .read_dir()
+                .unwrap()
+                .count()
+                == 3
+        );
+        let (_, body) = p.read(&ids[4]).unwrap();
+        assert!(body.starts_with(b"Subject: 4"));
+        p.remove(&ids[4]).unwrap();
+        assert_eq!(p.purge(None, None).unwrap(), 2);
+        assert!(p.list(None).is_empty());
+    }
+
+    #[test]
+    fn dir_names_are_safe() {
+        assert_eq!(dir_name("../x@y"), "_._x@y");
+        assert_eq!(dir_name("A/b@Y"), "a_b@y");
+    }
+}

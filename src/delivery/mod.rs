@@ -1,0 +1,317 @@
+//! One delivery attempt: route a (reverse-path, domain) group of recipients, open or
+//! reuse a session to a next hop, run the transaction, report per-recipient outcomes.
+//!
+//! Keeps the outbound connection state: idle sessions for reuse (several messages to
+//! one host over one connection), a concurrency limit per next-hop address
+//! (`max_per_destination`), and the dead-host cache (a host that refused a connect is
+//! skipped for `dead_host_ttl`, so queued mail waits instead of hammering it).
+//! It decides nothing about retries, DSNs or the spool: the queue does.
+
+pub mod client;
+pub mod route;
+
+use crate::config::{Config, TlsMode};
+use crate::dns::Resolver;
+pub use client::Outcome;
+use client::{Session, SessionError};
+use route::RouteError;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
+
+/// A group of recipients sharing reverse-path and destination domain.
+pub struct Job<'a> {
+    pub queue_id: &'a str,
+    pub domain: &'a str,
+    pub mail_from: &'a str,
+    pub rcpts: Vec<String>,
+    pub message: &'a [u8],
+    pub needs_smtputf8: bool,
+    pub eight_bit: bool,
+    pub env_id: Option<&'a str>,
+}
+
+/// Outcomes in `Job::rcpts` order, plus the host that gave them.
+pub struct Report {
+    pub outcomes: Vec<Outcome>,
+    pub remote_mta: Option<String>,
+}
+
+struct Idle {
+    session: Session,
+    since: Instant,
+    permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct HostSlot {
+    idle: Vec<Idle>,
+}
+
+struct Limits {
+    sem: Arc<Semaphore>,
+    notify: Arc<Notify>,
+}
+
+pub struct Delivery {
+    cfg: Arc<Config>,
+    resolver: Resolver,
+    tls: TlsConnector,
+    slots: Mutex<HashMap<SocketAddr, HostSlot>>,
+    limits: Mutex<HashMap<SocketAddr, Limits>>,
+    dead: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Delivery {
+    pub fn new(cfg: Arc<Config>, resolver: Resolver) -> Result<Arc<Delivery>, String> {
+        // Opportunistic TLS and `required` (Postfix's "encrypt") do not verify
+        // certificates: most MX certificates would fail, and clear text is worse.
+        let tls = mail_send::smtp::tls::build_tls_connector(true)?;
+        let d = Arc::new(Delivery {
+            cfg,
+            resolver,
+            tls,
+            slots: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
+            dead: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&d);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(d) = weak.upgrade() else { break };
+                d.reap_idle();
+            }
+        });
+        Ok(d)
+    }
+
+    fn reap_idle(&self) {
+        let ttl = self.cfg.delivery.idle_timeout;
+        let mut expired = Vec::new();
+        {
+            let mut slots = self.slots.lock().expect("slots lock");
+            for slot in slots.values_mut() {
+                let (keep, old): (Vec<Idle>, Vec<Idle>) =
+                    slot.idle.drain(..).partition(|i| i.since.elapsed() < ttl);
+                slot.idle = keep;
+                expired.extend(old);
+            }
+            slots.retain(|_, s| !s.idle.is_empty());
+        }
+        for i in expired {
+            tokio::spawn(async move {
+                let Idle {
+                    session, permit, ..
+                } = i;
+                session.quit().await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Forgets every dead host (for `queue flush`).
+    pub fn forget_dead_hosts(&self) {
+        self.dead.lock().expect("dead lock").clear();
+    }
+
+    fn is_dead(&self, addr: &SocketAddr) -> bool {
+        let mut dead = self.dead.lock().expect("dead lock");
+        match dead.get(addr) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                dead.remove(addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_dead(&self, addr: SocketAddr) {
+        let ttl = self.cfg.queue.dead_host_ttl;
+        self.dead
+            .lock()
+            .expect("dead lock")
+            .insert(addr, Instant::now() + ttl);
+    }
+
+    fn limits(&self, addr: SocketAddr) -> (Arc<Semaphore>, Arc<Notify>) {
+        let mut l = self.limits.lock().expect("limits lock");
+        let e = l.entry(addr).or_insert_with(|| Limits {
+            sem: Arc::new(Semaphore::new(self.cfg.delivery.max_per_destination.max(1))),
+            notify: Arc::new(Notify::new()),
+        });
+        (e.sem.clone(), e.notify.clone())
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<Idle> {
+        let ttl = self.cfg.delivery.idle_timeout;
+        let mut slots = self.slots.lock().expect("slots lock");
+        let slot = slots.get_mut(&addr)?;
+        while let Some(i) = slot.idle.pop() {
+            if i.since.elapsed() < ttl {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, session: Session, permit: OwnedSemaphorePermit) {
+        let addr = session.addr;
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .entry(addr)
+            .or_default()
+            .idle
+            .push(Idle {
+                session,
+                since: Instant::now(),
+                permit,
+            });
+        self.limits(addr).1.notify_one();
+    }
+
+    /// A session to `addr`: an idle one if any, else a new one within the limit.
+    async fn session(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        mode: TlsMode,
+    ) -> Result<(Session, OwnedSemaphorePermit, bool), SessionError> {
+        let (sem, notify) = self.limits(addr);
+        loop {
+            if let Some(i) = self.take_idle(addr) {
+                return Ok((i.session, i.permit, true));
+            }
+            let permit = tokio::select! {
+                p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = notify.notified() => continue,
+            };
+            let d = &self.cfg.delivery;
+            let p = client::Params {
+                helo_name: &self.cfg.hostname,
+                connect_timeout: d.connect_timeout,
+                command_timeout: d.command_timeout,
+                data_timeout: d.data_timeout,
+            };
+            let s = client::open(addr, host, mode, &self.tls, &p).await?;
+            return Ok((s, permit, false));
+        }
+    }
+
+    pub fn tls_mode(&self, domain: &str) -> TlsMode {
+        let d = &self.cfg.delivery;
+        d.tls_domains
+            .get(&domain.to_lowercase())
+            .copied()
+            .unwrap_or(d.tls)
+    }
+
+    /// Delivers one group. Never fails as a whole: every recipient gets an outcome.
+    pub async fn deliver(&self, job: &Job<'_>) -> Report {
+        let n = job.rcpts.len();
+        let hosts = match route::resolve(&self.cfg, &self.resolver, job.domain).await {
+            Ok(h) => h,
+            Err(RouteError::Permanent(st, text)) => {
+                return Report {
+                    outcomes: vec![Outcome::Failed(st.into(), text); n],
+                    remote_mta: None,
+                };
+            }
+            Err(RouteError::Temporary(st, text)) => {
+                return Report {
+                    outcomes: vec![Outcome::Deferred(st.into(), text); n],
+                    remote_mta: None,
+                };
+            }
+        };
+        let mode = self.tls_mode(job.domain);
+        let tx = client::Transaction {
+            mail_from: job.mail_from,
+            rcpts: &job.rcpts,
+            message: job.message,
+            needs_smtputf8: job.needs_smtputf8,
+            eight_bit: job.eight_bit,
+            env_id: job.env_id,
+        };
+        let mut last = (
+            "4.4.1".to_string(),
+            format!("no host for {} could be reached", job.domain),
+        );
+        let mut permanent_refusals = 0;
+        let mut tried = 0;
+        for host in &hosts {
+            for &addr in &host.addrs {
+                if self.is_dead(&addr) {
+                    last = (
+                        "4.4.1".into(),
+                        format!("{} ({addr}) was unreachable recently", host.name),
+                    );
+                    continue;
+                }
+                tried += 1;
+                // A reused session may have been closed by the server meanwhile: one
+                // retry on a fresh connection before blaming the host.
+                for _ in 0..2 {
+                    let (mut s, permit, reused) = match self.session(addr, &host.name, mode).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::info!(queue_id = job.queue_id, host = %host.name, %addr, error = %e, "session failed");
+                            match &e {
+                                SessionError::Connect(_) => self.mark_dead(addr),
+                                SessionError::Refused {
+                                    permanent: true, ..
+                                } => permanent_refusals += 1,
+                                _ => {}
+                            }
+                            last = ("4.4.1".into(), format!("{}: {e}", host.name));
+                            if let SessionError::Tls(t) = &e {
+                                last = ("4.7.10".into(), t.clone());
+                            }
+                            break;
+                        }
+                    };
+                    let (outcomes, usable) =
+                        s.transaction(&tx, self.cfg.delivery.data_timeout).await;
+                    let broke_early =
+                        !usable && outcomes.iter().all(|o| matches!(o, Outcome::Deferred(..)));
+                    if usable {
+                        self.put_idle(s, permit);
+                    } else {
+                        drop(s);
+                        drop(permit);
+                        self.limits(addr).1.notify_one();
+                    }
+                    if broke_early && reused {
+                        continue;
+                    }
+                    if broke_early {
+                        last = (
+                            "4.4.2".into(),
+                            format!("{}: connection lost during transaction", host.name),
+                        );
+                        break;
+                    }
+                    return Report {
+                        outcomes,
+                        remote_mta: Some(host.name.clone()),
+                    };
+                }
+            }
+        }
+        // Every host refused with 5xx greetings: the destination does not want mail.
+        let o = if tried > 0 && permanent_refusals == tried {
+            Outcome::Failed("5.4.1".into(), last.1)
+        } else {
+            Outcome::Deferred(last.0, last.1)
+        };
+        Report {
+            outcomes: vec![o; n],
+            remote_mta: None,
+        }
+    }
+}
