@@ -63,8 +63,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         bounce: bounce.clone(),
     });
     let queue = crate::queue::start(worker, recovered.envelopes);
-    let inbound =
-        crate::inbound::Inbound::new(cfg.clone(), table.clone(), spool.clone(), queue.clone());
+    let inbound = crate::inbound::Inbound::new(
+        cfg.clone(),
+        table.clone(),
+        spool.clone(),
+        queue.clone(),
+        bounce.clone(),
+    );
 
     let admin = control_server::bind(&cfg.socket_path())
         .with_context(|| format!("binding admin socket {}", cfg.socket_path().display()))?;
@@ -76,6 +81,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         table: table.clone(),
         spool: spool.clone(),
         queue: queue.clone(),
+        pool: bounce.pool.clone(),
         status: Arc::new(move || {
             serde_json::json!({
                 "inbound": status_inbound.counters.snapshot(),
@@ -89,6 +95,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }),
     });
     tokio::spawn(control_server::run(server, admin));
+
+    // Housekeeping: the correlation log is bounded in time; pool digests if enabled.
+    let hk_bounce = bounce.clone();
+    tokio::spawn(async move {
+        loop {
+            let b = hk_bounce.clone();
+            let n = tokio::task::spawn_blocking(move || b.expire_log())
+                .await
+                .unwrap_or(0);
+            if n > 0 {
+                tracing::info!(expired = n, "correlation log records expired");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        }
+    });
+    if let Some(every) = cfg.pool.digest {
+        let b = bounce.clone();
+        let q = queue.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                for (e, body) in b.digests().await {
+                    q.enqueue(e, Some(body));
+                }
+            }
+        });
+    }
 
     let listeners = crate::inbound::bind(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -28,6 +28,18 @@ impl Target {
             Target::Postmaster { written } => written.clone(),
         }
     }
+
+    /// The identity written into `Delivered-To:` for copies made for this target
+    /// (see [`crate::spool::Rcpt::trace_id`]).
+    pub fn trace_id(&self) -> String {
+        match self {
+            Target::Alias { written, found } if found.kind == MatchKind::CatchAll => {
+                written.to_string().to_lowercase()
+            }
+            Target::Alias { found, .. } => found.alias.clone(),
+            Target::Postmaster { .. } => POSTMASTER_POOL.to_string(),
+        }
+    }
 }
 
 /// The pool name for postmaster mail when `postmaster` is not configured.

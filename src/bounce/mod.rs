@@ -9,6 +9,7 @@
 //! schedule; this module never schedules or delivers anything itself.
 
 pub mod dsn;
+pub mod incoming;
 pub mod pool;
 
 use crate::config::{BouncePolicy, Config};
@@ -28,6 +29,9 @@ pub struct Counters {
     pub lost_by_design: AtomicU64,
     pub rate_limited: AtomicU64,
     pub no_dsn_null_sender: AtomicU64,
+    pub correlated: AtomicU64,
+    pub uncorrelated: AtomicU64,
+    pub digests: AtomicU64,
 }
 
 impl Counters {
@@ -40,6 +44,9 @@ impl Counters {
             "lost_by_design": g(&self.lost_by_design),
             "rate_limited": g(&self.rate_limited),
             "no_dsn_null_sender": g(&self.no_dsn_null_sender),
+            "correlated": g(&self.correlated),
+            "uncorrelated": g(&self.uncorrelated),
+            "digests": g(&self.digests),
         })
     }
 }
@@ -139,9 +146,32 @@ impl Bounce {
             tracing::info!(alias, pool_id = %id, "bounce pooled (policy 2a)");
             return Ok(None);
         };
+        let q = self
+            .queue_to(
+                alias,
+                policy,
+                &dests,
+                msg,
+                kind,
+                env_id_note.into_iter().collect(),
+            )
+            .await?;
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(queue_id = %q.0.id, alias, dests = dests.len(), "bounce queued for forwarding with MAIL FROM:<> (policy 2b)");
+        Ok(Some(q))
+    }
+
+    /// Commits `msg` for `dests` with a null reverse-path and returns it to schedule.
+    async fn queue_to(
+        &self,
+        alias: &str,
+        policy: BouncePolicy,
+        dests: &[String],
+        msg: Vec<u8>,
+        kind: MessageKind,
+        notes: Vec<String>,
+    ) -> Result<Queued, String> {
         let id = self.spool.new_id();
-        let mut notes = Vec::new();
-        notes.extend(env_id_note);
         let env = Envelope {
             id: id.clone(),
             kind,
@@ -150,7 +180,7 @@ impl Bounce {
             helo: self.cfg.hostname.clone(),
             reverse_path: String::new(),
             env_id: None,
-            smtputf8: !msg.is_ascii() && !header_section(&msg).is_ascii(),
+            smtputf8: !header_section(&msg).is_ascii(),
             eight_bit: !msg.is_ascii(),
             size: msg.len() as u64,
             held: false,
@@ -180,9 +210,92 @@ impl Bounce {
             .commit(&env, body.clone())
             .await
             .map_err(|e| format!("spool commit failed: {e}"))?;
-        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(queue_id = %id, alias, dests = dests.len(), "bounce queued for forwarding with MAIL FROM:<> (policy 2b)");
-        Ok(Some((env, body)))
+        Ok((env, body))
+    }
+
+    /// Records a forwarded copy for bounce correlation (ENVID = queue id, Message-ID).
+    pub fn record_forward(&self, queue_id: &str, rcpt: &Rcpt, message_id: Option<String>) {
+        let rec = crate::table::fwdlog::FwdRecord {
+            queue_id: queue_id.to_string(),
+            alias: rcpt.alias.clone(),
+            dests: vec![rcpt.dest.clone()],
+            message_id,
+            at: crate::time::unix_now(),
+        };
+        if let Err(e) = self.table.fwdlog().and_then(|l| l.record(&rec)) {
+            tracing::warn!(queue_id, error = %e, "cannot record forwarded copy");
+        }
+    }
+
+    /// Drops correlation records older than `[bounce] log_retention`.
+    pub fn expire_log(&self) -> usize {
+        let cutoff = crate::time::unix_now() - self.cfg.bounce.log_retention.as_secs() as i64;
+        match self.table.fwdlog().and_then(|l| l.expire(cutoff)) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot expire the correlation log");
+                0
+            }
+        }
+    }
+
+    /// Builds one digest per alias with unread pooled bounces and queues it to the
+    /// alias's destinations with `MAIL FROM:<>` (so the digest itself cannot loop).
+    pub async fn digests(&self) -> Vec<Queued> {
+        let pool = self.pool.clone();
+        let entries = tokio::task::spawn_blocking(move || pool.list(None))
+            .await
+            .unwrap_or_default();
+        let mut by_alias: BTreeMap<String, Vec<pool::Entry>> = BTreeMap::new();
+        for e in entries.into_iter().filter(|e| !e.seen) {
+            by_alias.entry(e.alias.clone()).or_default().push(e);
+        }
+        let mut out = Vec::new();
+        for (alias, list) in by_alias {
+            let Ok(entry) = self.table.get(&alias) else {
+                continue;
+            };
+            let now = crate::time::unix_now();
+            let mut body = format!(
+                "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{alias}>\r\nSubject: {n} bounce(s) waiting in your forwarding pool\r\nDate: {date}\r\nMessage-ID: <digest.{now}.{id}@{host}>\r\nAuto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
+                host = self.cfg.hostname,
+                n = list.len(),
+                date = crate::time::rfc5322_date(now),
+                id = self.spool.new_id(),
+            );
+            body.push_str(&format!(
+                "{} error message(s) about mail forwarded for {alias} are kept on the\r\nforwarder {} (your bounce policy is \"pool\"). Read them with IMAP or ask\r\nyour postmaster (tenso pool list {alias}).\r\n\r\n",
+                list.len(),
+                self.cfg.hostname
+            ));
+            for e in list.iter().take(50) {
+                body.push_str(&format!(
+                    "  {}  {:>8} bytes  {}\r\n",
+                    crate::time::rfc5322_date(e.time),
+                    e.size,
+                    e.id
+                ));
+            }
+            match self
+                .queue_to(
+                    &alias,
+                    BouncePolicy::Pool,
+                    &entry.dests,
+                    body.into_bytes(),
+                    MessageKind::Dsn,
+                    vec!["pool digest".into()],
+                )
+                .await
+            {
+                Ok(q) => {
+                    self.counters.digests.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(alias = %alias, waiting = list.len(), queue_id = %q.0.id, "pool digest queued");
+                    out.push(q);
+                }
+                Err(e) => tracing::error!(alias = %alias, error = %e, "cannot queue pool digest"),
+            }
+        }
+        out
     }
 
     /// tenso's own DSN about `rcpts` of `env` (failed, or delayed when `action` says

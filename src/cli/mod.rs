@@ -71,6 +71,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: QueueCmd,
     },
+    /// The local bounce pools (policy 2a).
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
     /// Counters and sizes.
     Status {
         #[arg(long)]
@@ -132,6 +137,32 @@ pub enum DomainCmd {
     List {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Pooled bounces, of one alias or all.
+    List {
+        alias: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One pooled bounce, whole.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        id: String,
+    },
+    /// Remove pooled bounces (all, or older than a humantime age like `30d`).
+    Purge {
+        #[arg(long)]
+        older_than: Option<String>,
+        #[arg(long)]
+        alias: Option<String>,
     },
 }
 
@@ -301,6 +332,30 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
             QueueCmd::Hold { id } => (Request::QueueHold { id }, false, output::Kind::Done),
             QueueCmd::Release { id } => (Request::QueueRelease { id }, false, output::Kind::Done),
         },
+        Command::Pool { cmd } => match cmd {
+            PoolCmd::List { alias, json } => {
+                (Request::PoolList { alias }, json, output::Kind::PoolList)
+            }
+            PoolCmd::Show { id, json } => (Request::PoolShow { id }, json, output::Kind::PoolShow),
+            PoolCmd::Remove { id } => (Request::PoolRemove { id }, false, output::Kind::Done),
+            PoolCmd::Purge { older_than, alias } => {
+                let older_than = match older_than
+                    .map(|s| humantime::parse_duration(&s))
+                    .transpose()
+                {
+                    Ok(d) => d.map(|d| d.as_secs()),
+                    Err(e) => {
+                        eprintln!("tenso: --older-than: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                (
+                    Request::PoolPurge { older_than, alias },
+                    false,
+                    output::Kind::Json,
+                )
+            }
+        },
         Command::Status { json } => (Request::Status, json, output::Kind::Json),
     };
     let resp = match send(&cfg, req).await {
@@ -327,10 +382,17 @@ pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
         Err(e) => return Err(e.into()),
     };
     let spool = crate::daemon::open_spool(cfg)?;
+    let pool = crate::bounce::pool::Pool::new(
+        cfg.pool_dir(),
+        &cfg.hostname,
+        cfg.pool.max_messages,
+        cfg.pool.max_bytes,
+    );
     let ctx = control::Ctx {
         cfg,
         table: &table,
         spool: &spool,
+        pool: &pool,
         queue: None,
         status: None,
     };

@@ -12,6 +12,8 @@ pub enum Kind {
     Export,
     QueueList,
     QueueShow,
+    PoolList,
+    PoolShow,
     Done,
     Json,
 }
@@ -55,16 +57,17 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
                 println!("destination health:");
                 for e in h {
                     println!(
-                        "  {}: {} {} ({})",
+                        "  {}: {} {} — {} ({})",
                         s(&e["dest"]),
                         s(&e["status"]),
+                        s(&e["meaning"]),
                         s(&e["diagnostic"]),
                         crate::time::rfc5322_date(e["at"].as_i64().unwrap_or(0))
                     );
                 }
             }
             if !d["pool"].is_null() {
-                println!("pool:     {}", s(&d["pool"]));
+                println!("pool:     {} bounce(s) waiting", s(&d["pool"]));
             }
         }
         Kind::AliasList => {
@@ -139,6 +142,19 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
         Kind::QueueShow => {
             println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
         }
+        Kind::PoolList => {
+            println!("{:<44} {:>8} {:<32} alias", "id", "size", "date");
+            for e in d.as_array().into_iter().flatten() {
+                println!(
+                    "{:<44} {:>8} {:<32} {}",
+                    s(&e["id"]),
+                    s(&e["size"]),
+                    crate::time::rfc5322_date(e["time"].as_i64().unwrap_or(0)),
+                    s(&e["alias"])
+                );
+            }
+        }
+        Kind::PoolShow => print!("{}", s(&d["message"])),
         Kind::Done => println!("ok"),
         Kind::Json => unreachable!(),
     }

@@ -71,6 +71,20 @@ pub enum Request {
     QueueRelease {
         id: String,
     },
+    PoolList {
+        alias: Option<String>,
+    },
+    PoolShow {
+        id: String,
+    },
+    PoolRemove {
+        id: String,
+    },
+    PoolPurge {
+        /// Seconds; None = everything.
+        older_than: Option<u64>,
+        alias: Option<String>,
+    },
     Status,
 }
 
@@ -112,6 +126,7 @@ pub struct Ctx<'a> {
     pub cfg: &'a Config,
     pub table: &'a Table,
     pub spool: &'a Spool,
+    pub pool: &'a crate::bounce::pool::Pool,
     /// The running scheduler; None in direct mode (no daemon).
     pub queue: Option<&'a QueueHandle>,
     pub status: Option<Value>,
@@ -214,7 +229,15 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
         }
         Request::UserShow { alias } => {
             let entry = t.get(&alias).map_err(e)?;
-            Ok(alias_json(&alias.to_lowercase(), &entry))
+            let mut v = alias_json(&alias.to_lowercase(), &entry);
+            v["pool"] = json!(ctx.pool.count(&alias));
+            if let Some(h) = v["health"].as_array_mut() {
+                for x in h.iter_mut() {
+                    let st = x["status"].as_str().unwrap_or("").to_string();
+                    x["meaning"] = json!(crate::bounce::incoming::describe(&st));
+                }
+            }
+            Ok(v)
         }
         Request::UserList { domain } => {
             let t = t.clone();
@@ -313,6 +336,28 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
         }
         Request::QueueHold { id } => set_held(ctx, &id, true).await,
         Request::QueueRelease { id } => set_held(ctx, &id, false).await,
+        Request::PoolList { alias } => {
+            let list = ctx.pool.list(alias.as_deref());
+            Ok(json!(list))
+        }
+        Request::PoolShow { id } => {
+            let (entry, bytes) = ctx.pool.read(&id).map_err(|x| x.to_string())?;
+            let mut v = json!(entry);
+            v["message"] = json!(String::from_utf8_lossy(&bytes));
+            Ok(v)
+        }
+        Request::PoolRemove { id } => {
+            let entry = ctx.pool.remove(&id).map_err(|x| x.to_string())?;
+            Ok(json!({ "removed": entry.id, "alias": entry.alias }))
+        }
+        Request::PoolPurge { older_than, alias } => {
+            let n = ctx
+                .pool
+                .purge(alias.as_deref(), older_than.map(|s| s as i64))
+                .map_err(|x| x.to_string())?;
+            tracing::info!(purged = n, ?older_than, "pool purged by admin");
+            Ok(json!({ "purged": n }))
+        }
         Request::Status => Ok(json!({
             "daemon": ctx.queue.is_some(),
             "aliases": t.count(),

@@ -20,6 +20,7 @@ pub struct Server {
     pub table: Table,
     pub spool: Spool,
     pub queue: QueueHandle,
+    pub pool: Arc<crate::bounce::pool::Pool>,
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
@@ -88,6 +89,7 @@ async fn serve_one(server: &Server, sock: UnixStream) -> std::io::Result<()> {
                 table: &server.table,
                 spool: &server.spool,
                 queue: Some(&server.queue),
+                pool: &server.pool,
                 status: Some((server.status)()),
             };
             let resp = super::execute(&ctx, env.req).await;

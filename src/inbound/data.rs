@@ -1,6 +1,7 @@
 //! DATA: receive the body, check it, prepend the trace header, commit, then 250.
 
 use super::session::Session;
+use crate::bounce::incoming::BounceTarget;
 use crate::forward;
 use crate::smtp::Reply;
 use crate::smtp::codec::{DataDecoder, DataError};
@@ -73,20 +74,75 @@ impl Session {
             ));
         }
         let delivered_to = field_values(headers, "delivered-to");
+        let looped = |trace: &str| delivered_to.iter().any(|d| d.eq_ignore_ascii_case(trace));
 
         let id = self.ctx.spool.new_id();
+        let helo = self.helo.clone().unwrap_or_default();
+        let mut msg = Vec::with_capacity(body.len() + 256);
+        self.write_received(&mut msg, &id, &helo, &tx.targets, tx.smtputf8);
+        msg.extend_from_slice(&body);
+        drop(body);
+
+        // Bounces coming home to an alias (proposal 2) go through its bounce policy.
+        let mut targets = tx.targets.clone();
+        if tx.reverse_path.is_empty() {
+            let bounce_targets: Vec<BounceTarget> = targets
+                .iter()
+                .filter_map(|t| match t {
+                    forward::Target::Alias { found, .. } => Some(BounceTarget {
+                        alias: found.alias.clone(),
+                        policy: found.entry.bounce,
+                        looped: looped(&t.trace_id()),
+                    }),
+                    forward::Target::Postmaster { .. } => None,
+                })
+                .collect();
+            if !bounce_targets.is_empty() {
+                match self.ctx.bounce.incoming(&bounce_targets, &msg).await {
+                    Ok(None) => {}
+                    Ok(Some(handled)) => {
+                        tracing::info!(
+                            queue_id = %id,
+                            client = %client,
+                            pooled = handled.pooled,
+                            forwarded = handled.queued.len(),
+                            dropped = handled.dropped,
+                            correlated = handled.correlated,
+                            "bounce received for alias"
+                        );
+                        for (e, b) in handled.queued {
+                            self.ctx.queue.enqueue(e, Some(b));
+                        }
+                        targets.retain(|t| matches!(t, forward::Target::Postmaster { .. }));
+                        if targets.is_empty() {
+                            self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            return self.reply(Reply::new(
+                                250,
+                                "2.0.0",
+                                format!("Ok: bounce handled ({id})"),
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(queue_id = %id, client = %client, error = %e, "cannot store bounce");
+                        return self.reply(Reply::new(
+                            451,
+                            "4.3.0",
+                            "temporary failure: could not store message",
+                        ));
+                    }
+                }
+            }
+        }
+
         let mut rcpts = Vec::new();
-        for t in &tx.targets {
+        for t in &targets {
             match forward::expand(&self.ctx.table, &self.ctx.cfg, t, &tx.reverse_path) {
                 Ok(mut r) => {
                     // tenso's own trace for this alias: the message has been here
                     // before, so forwarding it again would loop.
                     for x in r.iter_mut() {
-                        if x.state == RcptState::Pending
-                            && delivered_to
-                                .iter()
-                                .any(|d| d.eq_ignore_ascii_case(&x.trace_id()))
-                        {
+                        if x.state == RcptState::Pending && looped(&x.trace_id()) {
                             forward::fail(x, "5.4.6", "mail forwarding loop for this alias");
                         }
                     }
@@ -103,10 +159,6 @@ impl Session {
             }
         }
 
-        let helo = self.helo.clone().unwrap_or_default();
-        let mut msg = Vec::with_capacity(body.len() + 256);
-        self.write_received(&mut msg, &id, &helo, &tx.targets, tx.smtputf8);
-        msg.extend_from_slice(&body);
         let env = Envelope {
             id: id.clone(),
             kind: MessageKind::Relay,
@@ -116,7 +168,7 @@ impl Session {
             reverse_path: tx.reverse_path.clone(),
             env_id: tx.env_id.clone(),
             smtputf8: tx.smtputf8,
-            eight_bit: tx.eight_bit || !body.is_ascii(),
+            eight_bit: tx.eight_bit || !msg.is_ascii(),
             size: msg.len() as u64,
             held: false,
             rcpts,

@@ -11,6 +11,7 @@ mod mail;
 mod session;
 pub mod stream;
 
+use crate::bounce::Bounce;
 use crate::config::Config;
 use crate::queue::QueueHandle;
 use crate::spool::Spool;
@@ -52,13 +53,21 @@ pub struct Inbound {
     pub table: Table,
     pub spool: Spool,
     pub queue: QueueHandle,
+    pub bounce: Arc<Bounce>,
     pub counters: Counters,
     permits: Arc<Semaphore>,
 }
 
 impl Inbound {
-    pub fn new(cfg: Arc<Config>, table: Table, spool: Spool, queue: QueueHandle) -> Arc<Inbound> {
+    pub fn new(
+        cfg: Arc<Config>,
+        table: Table,
+        spool: Spool,
+        queue: QueueHandle,
+        bounce: Arc<Bounce>,
+    ) -> Arc<Inbound> {
         Arc::new(Inbound {
+            bounce,
             permits: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
             cfg,
             table,
@@ -74,13 +83,41 @@ impl Inbound {
 pub async fn bind(cfg: &Config) -> std::io::Result<Vec<(TcpListener, SocketAddr)>> {
     let mut out = Vec::new();
     for addr in &cfg.smtp.listen {
-        let l = TcpListener::bind(addr)
-            .await
+        let l = listen(*addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let local = l.local_addr()?;
         out.push((l, local));
     }
     Ok(out)
+}
+
+/// One listening socket. IPv6 sockets are IPv6-only, so `0.0.0.0:25` and `[::]:25`
+/// can both be configured (Linux would otherwise make `[::]` take IPv4 too).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv6() {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a valid int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        s
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    // A deep backlog: bursts of connects must queue in the kernel, not be dropped.
+    sock.listen(4096)
 }
 
 /// Accepts clients until `shutdown` flips to true.

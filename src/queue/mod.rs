@@ -13,7 +13,7 @@ use crate::bounce::{Bounce, dsn::Action};
 use crate::config::Config;
 use crate::delivery::{Delivery, Job, Outcome};
 use crate::smtp::header::header_section;
-use crate::spool::{Envelope, Rcpt, RcptState, Spool, SpoolError};
+use crate::spool::{Envelope, MessageKind, Rcpt, RcptState, Spool, SpoolError};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -381,6 +381,13 @@ impl Worker {
             }
         }
 
+        let message_id = (env.kind == MessageKind::Relay)
+            .then(|| {
+                crate::smtp::header::field_values(header_section(&body), "message-id")
+                    .into_iter()
+                    .next()
+            })
+            .flatten();
         let now = now_ms();
         let lifetime_end = env.arrival * 1000 + self.cfg.queue.max_lifetime.as_millis() as i64;
         let mut failed = Vec::new();
@@ -394,6 +401,9 @@ impl Worker {
                     r.state = RcptState::Delivered;
                     r.last = Some(reply);
                     r.status = Some("2.0.0".into());
+                    if env.kind == MessageKind::Relay && r.pool.is_none() {
+                        self.bounce.record_forward(&env.id, r, message_id.clone());
+                    }
                 }
                 Outcome::Failed(status, text) => {
                     handle.counters.failed.fetch_add(1, Ordering::Relaxed);

@@ -7,6 +7,7 @@
 //! sled takes an exclusive lock on its files: a second opener gets
 //! [`TableError::Locked`], which is how a second daemon is refused.
 
+pub mod fwdlog;
 pub mod import;
 
 use crate::config::BouncePolicy;
@@ -191,10 +192,35 @@ impl Table {
         })
     }
 
-    /// A sled tree for another module's state (bounce log, ...). The table stays the
-    /// only owner of the database handle.
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, TableError> {
-        Ok(self.db.open_tree(name)?)
+    /// The correlation log of forwarded copies (same database, own trees).
+    pub fn fwdlog(&self) -> Result<fwdlog::FwdLog, TableError> {
+        fwdlog::FwdLog::open(&self.db)
+    }
+
+    /// Records what a bounce said about one destination of an alias: the latest
+    /// status per destination is kept, for `tenso user show`.
+    pub fn record_health(&self, alias: &str, health: DestHealth) -> Result<(), TableError> {
+        let name = AliasName::parse(alias)?;
+        let key = name.key();
+        // Retry on concurrent change: health updates must not undo an admin's edit.
+        loop {
+            let Some(old) = self.aliases.get(&key)? else {
+                return Err(TableError::NotFound(name.to_string()));
+            };
+            let mut entry = decode(&old)?;
+            entry
+                .health
+                .retain(|h| !h.dest.eq_ignore_ascii_case(&health.dest));
+            entry.health.push(health.clone());
+            entry.health.sort_by(|a, b| a.dest.cmp(&b.dest));
+            if self
+                .aliases
+                .compare_and_swap(&key, Some(old), Some(encode(&entry)))?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
     }
 
     pub fn flush(&self) -> Result<(), TableError> {
