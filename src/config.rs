@@ -65,6 +65,8 @@ pub struct Config {
     pub table: TableConfig,
     pub pool: PoolConfig,
     pub bounce: BounceConfig,
+    pub auth: AuthConfig,
+    pub dkim: DkimConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +85,107 @@ pub struct SmtpConfig {
     pub data_timeout: Duration,
     /// Concurrent inbound sessions; more get `421 4.7.0` at once.
     pub max_connections: usize,
+    /// Unknown recipients in a local domain: `reject` (550 5.1.1 at RCPT) or `accept`
+    /// (250, then a DSN to the sender unless SPF failed: proposal 1b).
+    pub unknown_recipient: UnknownRecipient,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownRecipient {
+    Reject,
+    Accept,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpfFailAction {
+    /// Accept and record the result in the headers (the talk's transition phase).
+    Record,
+    /// 550 5.7.23.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TempErrorAction {
+    /// Accept and record `spf=temperror`.
+    Accept,
+    /// 451 4.7.24: let the sender retry.
+    Defer,
+}
+
+/// What to do with mail whose forwarding DMARC will certainly reject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preflight {
+    Off,
+    Pool,
+    Forward,
+}
+
+impl std::str::FromStr for Preflight {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Preflight::Off),
+            "pool" => Ok(Preflight::Pool),
+            "forward" => Ok(Preflight::Forward),
+            _ => Err(format!(
+                "unknown dmarc preflight {s:?} (expected off, pool or forward)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Check SPF (HELO and MAIL FROM identities) on every transaction.
+    pub spf: bool,
+    /// Verify DKIM signatures and evaluate DMARC on every message.
+    pub dkim: bool,
+    pub spf_fail: SpfFailAction,
+    pub spf_temperror: TempErrorAction,
+    /// Reject (550 5.7.1) mail whose DMARC evaluation fails with p=reject.
+    pub dmarc_reject: bool,
+    /// Mail from a `p=reject` domain without an aligned DKIM pass cannot survive
+    /// forwarding: `pool` keeps it on the forwarder, `forward` sends it anyway.
+    pub dmarc_preflight: Preflight,
+    /// Treat `p=quarantine` like `p=reject` for the pre-flight.
+    pub dmarc_preflight_quarantine: bool,
+    /// The authserv-id in Authentication-Results (default: hostname).
+    pub authserv_id: Option<String>,
+    /// The forwarder's outbound IPs, for `tenso dns` (default: the hostname's A/AAAA).
+    pub outbound_ips: Vec<std::net::IpAddr>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            spf: true,
+            dkim: true,
+            spf_fail: SpfFailAction::Record,
+            spf_temperror: TempErrorAction::Accept,
+            dmarc_reject: false,
+            dmarc_preflight: Preflight::Forward,
+            dmarc_preflight_quarantine: false,
+            authserv_id: None,
+            outbound_ips: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimConfig {
+    /// Signing domain (d=); signing is off unless domain, selector and key are set.
+    pub domain: Option<String>,
+    pub selector: Option<String>,
+    /// PEM private key (RSA PKCS#1/PKCS#8 or Ed25519 PKCS#8), e.g. from `tenso dkim keygen`.
+    pub key: Option<PathBuf>,
+    /// ARC-seal forwarded copies (RFC 8617; being moved to Historic).
+    pub arc: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,6 +348,8 @@ impl Default for Config {
             table: TableConfig::default(),
             pool: PoolConfig::default(),
             bounce: BounceConfig::default(),
+            auth: AuthConfig::default(),
+            dkim: DkimConfig::default(),
         }
     }
 }
@@ -258,6 +363,7 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             max_connections: 10_000,
+            unknown_recipient: UnknownRecipient::Reject,
         }
     }
 }
@@ -394,6 +500,11 @@ impl Config {
         {
             return bad(format!("[delivery] relay_host {r:?} is not host:port"));
         }
+        let d = &self.dkim;
+        let set = [d.domain.is_some(), d.selector.is_some(), d.key.is_some()];
+        if set.iter().any(|x| *x) && !set.iter().all(|x| *x) {
+            return bad("[dkim] needs domain, selector and key together".into());
+        }
         for pm in &self.postmaster {
             crate::smtp::address::Mailbox::parse(pm)
                 .map_err(|e| ConfigError::Invalid(format!("postmaster {pm:?}: {e}")))?;
@@ -414,6 +525,9 @@ impl Config {
     }
     pub fn pool_dir(&self) -> PathBuf {
         self.data_dir.join("pool")
+    }
+    pub fn authserv_id(&self) -> &str {
+        self.auth.authserv_id.as_deref().unwrap_or(&self.hostname)
     }
     pub fn socket_path(&self) -> PathBuf {
         self.data_dir.join("tenso.sock")

@@ -51,10 +51,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let resolver = crate::dns::build(&cfg).map_err(anyhow::Error::msg)?;
     let delivery = crate::delivery::Delivery::new(cfg.clone(), resolver.clone())
         .map_err(anyhow::Error::msg)?;
+    let signer = crate::signing::Signer::from_config(&cfg.dkim)
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
+    let auth = Arc::new(
+        crate::policy::Auth::new(cfg.clone(), resolver.clone()).map_err(anyhow::Error::msg)?,
+    );
     let bounce = Arc::new(crate::bounce::Bounce::new(
         cfg.clone(),
         table.clone(),
         spool.clone(),
+        signer.clone(),
     ));
     let worker = Arc::new(crate::queue::Worker {
         cfg: cfg.clone(),
@@ -69,6 +76,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         spool.clone(),
         queue.clone(),
         bounce.clone(),
+        auth,
+        signer,
     );
 
     let admin = control_server::bind(&cfg.socket_path())

@@ -19,13 +19,16 @@ pub enum Target {
     Alias { written: Mailbox, found: Found },
     /// Postmaster of a local domain (RFC 5321 §4.5.1), routed per `postmaster`.
     Postmaster { written: String },
+    /// An unknown user accepted under `unknown_recipient = "accept"`: nothing is
+    /// forwarded; the sender may get a DSN (proposal 1b decides).
+    Unknown { written: String },
 }
 
 impl Target {
     pub fn written(&self) -> String {
         match self {
             Target::Alias { written, .. } => written.to_string(),
-            Target::Postmaster { written } => written.clone(),
+            Target::Postmaster { written } | Target::Unknown { written } => written.clone(),
         }
     }
 
@@ -38,6 +41,7 @@ impl Target {
             }
             Target::Alias { found, .. } => found.alias.clone(),
             Target::Postmaster { .. } => POSTMASTER_POOL.to_string(),
+            Target::Unknown { written } => written.to_lowercase(),
         }
     }
 }
@@ -73,6 +77,7 @@ pub fn expand(
     reverse_path: &str,
 ) -> Result<Vec<Rcpt>, TableError> {
     match target {
+        Target::Unknown { .. } => Ok(Vec::new()),
         Target::Postmaster { written } => {
             let from = if reverse_path.is_empty() {
                 String::new()

@@ -62,10 +62,17 @@ pub struct Bounce {
     pub counters: Counters,
     /// Forwarded bounces per alias in the current hour window.
     rate: Mutex<HashMap<String, (i64, u32)>>,
+    /// The forwarder's DKIM key: tenso's own reports and forwarded bounces are signed.
+    signer: Option<Arc<crate::signing::Signer>>,
 }
 
 impl Bounce {
-    pub fn new(cfg: Arc<Config>, table: Table, spool: Spool) -> Bounce {
+    pub fn new(
+        cfg: Arc<Config>,
+        table: Table,
+        spool: Spool,
+        signer: Option<Arc<crate::signing::Signer>>,
+    ) -> Bounce {
         let pool = Arc::new(pool::Pool::new(
             cfg.pool_dir(),
             &cfg.hostname,
@@ -79,6 +86,7 @@ impl Bounce {
             pool,
             counters: Counters::default(),
             rate: Mutex::new(HashMap::new()),
+            signer,
         }
     }
 
@@ -171,6 +179,32 @@ impl Bounce {
         kind: MessageKind,
         notes: Vec<String>,
     ) -> Result<Queued, String> {
+        self.queue_to_rcpts(
+            dests
+                .iter()
+                .map(|d| (alias.to_string(), d.clone()))
+                .collect(),
+            policy,
+            msg,
+            kind,
+            notes,
+        )
+        .await
+    }
+
+    /// Commits `msg` with `MAIL FROM:<>` for (alias, destination) pairs.
+    async fn queue_to_rcpts(
+        &self,
+        rcpts: Vec<(String, String)>,
+        policy: BouncePolicy,
+        msg: Vec<u8>,
+        kind: MessageKind,
+        notes: Vec<String>,
+    ) -> Result<Queued, String> {
+        let msg = match &self.signer {
+            Some(s) => s.sign_prepend(msg),
+            None => msg,
+        };
         let id = self.spool.new_id();
         let env = Envelope {
             id: id.clone(),
@@ -184,13 +218,13 @@ impl Bounce {
             eight_bit: !msg.is_ascii(),
             size: msg.len() as u64,
             held: false,
-            rcpts: dests
-                .iter()
-                .map(|d| Rcpt {
-                    orig: alias.to_string(),
-                    alias: alias.to_string(),
+            rcpts: rcpts
+                .into_iter()
+                .map(|(alias, dest)| Rcpt {
+                    orig: alias.clone(),
+                    alias,
                     mail_from: String::new(),
-                    dest: d.clone(),
+                    dest,
                     pool: None,
                     policy,
                     state: RcptState::Pending,
@@ -211,6 +245,54 @@ impl Bounce {
             .await
             .map_err(|e| format!("spool commit failed: {e}"))?;
         Ok((env, body))
+    }
+
+    /// Proposal 1b, the allowed half: a DSN (5.1.1) to the original sender for
+    /// recipients accepted under `unknown_recipient = "accept"` that do not exist.
+    /// The caller has already ruled out SPF fail/softfail and the null sender.
+    pub async fn report_unknown(
+        &self,
+        queue_id: &str,
+        sender: &str,
+        env_id: Option<&str>,
+        unknown: &[String],
+        msg: &[u8],
+    ) -> Result<Queued, String> {
+        let now = crate::time::unix_now();
+        let report = DsnReport {
+            reporting_mta: &self.cfg.hostname,
+            queue_id,
+            original_envelope_id: env_id,
+            arrival: now,
+            now,
+            to: sender,
+            original_sender: sender,
+            recipients: unknown
+                .iter()
+                .map(|u| DsnRecipient {
+                    final_recipient: u.clone(),
+                    original_recipient: Some(u.clone()),
+                    action: Action::Failed,
+                    status: "5.1.1".into(),
+                    remote_mta: None,
+                    diagnostic: Some("550 5.1.1 user unknown".into()),
+                    last_attempt: now,
+                    will_retry_until: None,
+                })
+                .collect(),
+            original_headers: header_section(msg),
+            message_id: format!("{queue_id}.unknown@{}", self.cfg.hostname),
+        };
+        let dsn = dsn::build_dsn(&report);
+        self.counters.dsn_generated.fetch_add(1, Ordering::Relaxed);
+        self.queue_to_rcpts(
+            vec![(String::new(), sender.to_string())],
+            BouncePolicy::Pool,
+            dsn,
+            MessageKind::Dsn,
+            vec!["unknown recipient DSN to the original sender".into()],
+        )
+        .await
     }
 
     /// Records a forwarded copy for bounce correlation (ENVID = queue id, Message-ID).

@@ -297,7 +297,14 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
                 .map_err(e)?;
             let pairs: Vec<(String, Vec<String>)> =
                 list.into_iter().map(|(n, en)| (n, en.dests)).collect();
-            Ok(json!({ "text": import::export_virtual(&pairs) }))
+            let mut text = import::export_virtual(&pairs);
+            // Local domains without aliases (`domain add`) as virtual(5) domain lines.
+            for d in ctx.table.domains().map_err(e)? {
+                if !pairs.iter().any(|(n, _)| n.ends_with(&format!("@{d}"))) {
+                    text.push_str(&format!("{d} anything\n"));
+                }
+            }
+            Ok(json!({ "text": text }))
         }
         Request::QueueList => {
             let spool = ctx.spool.clone();

@@ -47,7 +47,16 @@ pub async fn run(server: Arc<Server>, listener: UnixListener) {
             let uid = sock.peer_cred().map(|c| c.uid()).ok();
             if uid != Some(0) && uid != Some(me) {
                 tracing::warn!(peer_uid = ?uid, "admin socket: refused peer (not root, not the daemon's uid)");
-                let mut sock = sock;
+                // Read the request (bounded) before answering: closing while the peer
+                // still writes would leave it a broken pipe instead of the refusal.
+                let mut reader = BufReader::new(sock);
+                let mut line = Vec::new();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    (&mut reader).take(64 * 1024).read_until(b'\n', &mut line),
+                )
+                .await;
+                let mut sock = reader.into_inner();
                 let resp = Response::err(
                     "permission denied: only root or the daemon's user may administer tenso",
                 );

@@ -1,8 +1,10 @@
 //! DATA: receive the body, check it, prepend the trace header, commit, then 250.
 
-use super::session::Session;
+use super::session::{Session, Transaction};
 use crate::bounce::incoming::BounceTarget;
+use crate::config::Preflight;
 use crate::forward;
+use crate::policy::strip_forged_results;
 use crate::smtp::Reply;
 use crate::smtp::codec::{DataDecoder, DataError};
 use crate::smtp::header::{count_fields, field_values, header_section};
@@ -59,8 +61,7 @@ impl Session {
             tracing::warn!(client = %client, size = dec.size, reply = %reply, "message refused");
             return self.reply(reply);
         }
-        let headers = header_section(&body);
-        let hops = count_fields(headers, "received");
+        let hops = count_fields(header_section(&body), "received");
         if hops > self.ctx.cfg.delivery.max_hops {
             self.ctx
                 .counters
@@ -73,18 +74,46 @@ impl Session {
                 format!("too many hops ({hops} Received headers): mail loop?"),
             ));
         }
-        let delivered_to = field_values(headers, "delivered-to");
+        // RFC 8601 §5: results claiming to be ours can only be forged.
+        let body = strip_forged_results(&body, self.ctx.cfg.authserv_id()).unwrap_or(body);
+        let helo = self.helo.clone().unwrap_or_default();
+        let verdict = self
+            .ctx
+            .auth
+            .check_message(client, &helo, &tx.reverse_path, &tx.spf, &body)
+            .await;
+        if let Some(reply) = verdict.reject {
+            self.ctx
+                .counters
+                .refused_data
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %client, from = %tx.reverse_path, auth = %verdict.summary, reply = %reply, "message refused by DMARC policy");
+            return self.reply(reply);
+        }
+        let delivered_to = field_values(header_section(&body), "delivered-to");
         let looped = |trace: &str| delivered_to.iter().any(|d| d.eq_ignore_ascii_case(trace));
 
         let id = self.ctx.spool.new_id();
-        let helo = self.helo.clone().unwrap_or_default();
-        let mut msg = Vec::with_capacity(body.len() + 256);
+        let mut msg = Vec::with_capacity(body.len() + 1024);
         self.write_received(&mut msg, &id, &helo, &tx.targets, tx.smtputf8);
+        msg.extend_from_slice(&verdict.headers);
         msg.extend_from_slice(&body);
         drop(body);
+        if let Some(signer) = &self.ctx.signer {
+            msg = signer.sign_prepend(msg);
+        }
+
+        let mut targets = tx.targets.clone();
+        if let Err(e) = self.unknown_recipients(&id, &tx, &mut targets, &msg).await {
+            tracing::error!(queue_id = %id, client = %client, error = %e, "cannot queue DSN for unknown recipients");
+            return self.reply(Reply::new(
+                451,
+                "4.3.0",
+                "temporary failure, try again later",
+            ));
+        }
 
         // Bounces coming home to an alias (proposal 2) go through its bounce policy.
-        let mut targets = tx.targets.clone();
         if tx.reverse_path.is_empty() {
             let bounce_targets: Vec<BounceTarget> = targets
                 .iter()
@@ -94,7 +123,7 @@ impl Session {
                         policy: found.entry.bounce,
                         looped: looped(&t.trace_id()),
                     }),
-                    forward::Target::Postmaster { .. } => None,
+                    _ => None,
                 })
                 .collect();
             if !bounce_targets.is_empty() {
@@ -113,15 +142,7 @@ impl Session {
                         for (e, b) in handled.queued {
                             self.ctx.queue.enqueue(e, Some(b));
                         }
-                        targets.retain(|t| matches!(t, forward::Target::Postmaster { .. }));
-                        if targets.is_empty() {
-                            self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            return self.reply(Reply::new(
-                                250,
-                                "2.0.0",
-                                format!("Ok: bounce handled ({id})"),
-                            ));
-                        }
+                        targets.retain(|t| !matches!(t, forward::Target::Alias { .. }));
                     }
                     Err(e) => {
                         tracing::error!(queue_id = %id, client = %client, error = %e, "cannot store bounce");
@@ -133,6 +154,17 @@ impl Session {
                     }
                 }
             }
+        }
+
+        if let Some(reason) = &verdict.doomed
+            && let Err(e) = self.preflight(&id, reason, &mut targets, &msg).await
+        {
+            tracing::error!(queue_id = %id, client = %client, error = %e, "cannot pool message");
+            return self.reply(Reply::new(
+                451,
+                "4.3.0",
+                "temporary failure, try again later",
+            ));
         }
 
         let mut rcpts = Vec::new();
@@ -158,7 +190,12 @@ impl Session {
                 }
             }
         }
-
+        self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        if rcpts.is_empty() {
+            // Everything was pooled, bounced or discarded above, durably.
+            tracing::info!(queue_id = %id, client = %client, from = %tx.reverse_path, auth = %verdict.summary, "accepted; nothing to forward");
+            return self.reply(Reply::new(250, "2.0.0", format!("Ok ({id})")));
+        }
         let env = Envelope {
             id: id.clone(),
             kind: MessageKind::Relay,
@@ -183,17 +220,120 @@ impl Session {
                 "temporary failure: could not queue message",
             ));
         }
-        self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             queue_id = %id,
             client = %client,
             from = %env.reverse_path,
             nrcpt = tx.targets.len(),
             size = env.size,
+            auth = %verdict.summary,
             "accepted"
         );
         self.ctx.queue.enqueue(env, Some(msg));
         self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+    }
+
+    /// Unknown recipients accepted under `unknown_recipient = "accept"`: a DSN to the
+    /// sender — except when SPF says fail or softfail, or the sender is null
+    /// (proposal 1b): then the copy is discarded, logged and counted.
+    async fn unknown_recipients(
+        &mut self,
+        id: &str,
+        tx: &Transaction,
+        targets: &mut Vec<forward::Target>,
+        msg: &[u8],
+    ) -> Result<(), String> {
+        let unknown: Vec<String> = targets
+            .iter()
+            .filter_map(|t| match t {
+                forward::Target::Unknown { written } => Some(written.clone()),
+                _ => None,
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        targets.retain(|t| !matches!(t, forward::Target::Unknown { .. }));
+        let spf = tx
+            .spf
+            .result()
+            .map(crate::policy::spf_name)
+            .unwrap_or("not checked");
+        if tx.reverse_path.is_empty() || tx.spf.forbids_bounce() {
+            let why = if tx.reverse_path.is_empty() {
+                "null sender"
+            } else {
+                "SPF fail/softfail (proposal 1b)"
+            };
+            self.ctx
+                .counters
+                .bounce_suppressed_1b
+                .fetch_add(unknown.len() as u64, Ordering::Relaxed);
+            tracing::info!(queue_id = id, client = %self.peer.ip(), from = %tx.reverse_path, %spf, unknown = ?unknown, why, "unknown recipients discarded without bounce");
+            return Ok(());
+        }
+        let (env, body) = self
+            .ctx
+            .bounce
+            .report_unknown(id, &tx.reverse_path, tx.env_id.as_deref(), &unknown, msg)
+            .await?;
+        self.ctx
+            .counters
+            .unknown_bounced
+            .fetch_add(unknown.len() as u64, Ordering::Relaxed);
+        tracing::info!(queue_id = id, dsn_id = %env.id, to = %tx.reverse_path, %spf, unknown = ?unknown, "unknown recipients: DSN to the sender");
+        self.ctx.queue.enqueue(env, Some(body));
+        Ok(())
+    }
+
+    /// The DMARC pre-flight: aliases whose policy (or the default) is `pool` keep a
+    /// doomed message in their pool with the reason, instead of sending it to fail.
+    async fn preflight(
+        &mut self,
+        id: &str,
+        reason: &str,
+        targets: &mut Vec<forward::Target>,
+        msg: &[u8],
+    ) -> Result<(), String> {
+        let default = self.ctx.cfg.auth.dmarc_preflight;
+        let mut keep = Vec::new();
+        for t in targets.drain(..) {
+            let action = match &t {
+                forward::Target::Alias { found, .. } => found
+                    .entry
+                    .dmarc_preflight
+                    .as_deref()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(default),
+                _ => Preflight::Off,
+            };
+            let forward::Target::Alias { found, .. } = &t else {
+                keep.push(t);
+                continue;
+            };
+            if action != Preflight::Pool {
+                if action == Preflight::Forward {
+                    tracing::info!(queue_id = id, alias = %found.alias, reason, "DMARC pre-flight: forwarding anyway");
+                }
+                keep.push(t);
+                continue;
+            }
+            let mut copy = format!("X-Tenso-Pool-Reason: {reason}\r\n").into_bytes();
+            copy.extend_from_slice(msg);
+            let pool_id = self
+                .ctx
+                .bounce
+                .to_pool(&found.alias, copy)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.ctx
+                .counters
+                .dmarc_preflight_pooled
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(queue_id = id, alias = %found.alias, %pool_id, reason, "DMARC pre-flight: pooled instead of forwarded");
+        }
+        *targets = keep;
+        Ok(())
     }
 
     /// RFC 5321 §4.4 trace header; names the recipient only when there is one.

@@ -6,6 +6,7 @@
 //! refused here, whatever the table holds.
 
 use super::session::{Session, Transaction};
+use crate::config::UnknownRecipient;
 use crate::forward::Target;
 use crate::smtp::Reply;
 use crate::smtp::address::{AddressError, Path, extract_path, parse_path};
@@ -13,7 +14,7 @@ use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo};
 use std::sync::atomic::Ordering;
 
 impl Session {
-    pub(super) fn handle_mail(&mut self, line: &str, from: MailFrom<String>) {
+    pub(super) async fn handle_mail(&mut self, line: &str, from: MailFrom<String>) {
         if self.helo.is_none() {
             return self.reply(Reply::new(503, "5.5.1", "send EHLO or HELO first"));
         }
@@ -44,8 +45,19 @@ impl Session {
             }
             Err(e) => return self.reply(Reply::new(501, "5.1.7", format!("bad sender: {e}"))),
         };
-        tracing::debug!(client = %self.peer.ip(), from = %reverse_path, "mail");
+        let helo = self.helo.clone().unwrap_or_default();
+        let spf = self
+            .ctx
+            .auth
+            .check_spf(self.peer.ip(), &helo, &reverse_path)
+            .await;
+        if let Some(reply) = self.ctx.auth.spf_reply(&spf) {
+            tracing::info!(client = %self.peer.ip(), from = %reverse_path, reply = %reply, "sender refused by SPF policy");
+            return self.reply(reply);
+        }
+        tracing::debug!(client = %self.peer.ip(), from = %reverse_path, spf = ?spf.result(), "mail");
         self.tx = Some(Transaction {
+            spf,
             reverse_path,
             smtputf8,
             eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
@@ -137,6 +149,16 @@ impl Session {
             _ if is_postmaster => self.accept(Target::Postmaster {
                 written: m.to_string(),
             }),
+            _ if self.ctx.cfg.smtp.unknown_recipient == UnknownRecipient::Accept => {
+                // Harvest resistance: the reply does not tell who exists.
+                self.ctx
+                    .counters
+                    .unknown_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                self.accept(Target::Unknown {
+                    written: m.to_string(),
+                })
+            }
             _ => {
                 self.ctx
                     .counters

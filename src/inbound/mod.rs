@@ -13,7 +13,9 @@ pub mod stream;
 
 use crate::bounce::Bounce;
 use crate::config::Config;
+use crate::policy::Auth;
 use crate::queue::QueueHandle;
+use crate::signing::Signer;
 use crate::spool::Spool;
 use crate::table::Table;
 use std::net::SocketAddr;
@@ -31,6 +33,12 @@ pub struct Counters {
     pub relay_denied: AtomicU64,
     pub refused_data: AtomicU64,
     pub busy: AtomicU64,
+    pub unknown_accepted: AtomicU64,
+    /// Proposal 1b: unknown recipients whose DSN was suppressed (SPF fail/softfail
+    /// or null sender).
+    pub bounce_suppressed_1b: AtomicU64,
+    pub unknown_bounced: AtomicU64,
+    pub dmarc_preflight_pooled: AtomicU64,
 }
 
 impl Counters {
@@ -43,6 +51,10 @@ impl Counters {
             "relay_denied": g(&self.relay_denied),
             "refused_data": g(&self.refused_data),
             "busy": g(&self.busy),
+            "unknown_accepted": g(&self.unknown_accepted),
+            "bounce_suppressed_1b": g(&self.bounce_suppressed_1b),
+            "unknown_bounced": g(&self.unknown_bounced),
+            "dmarc_preflight_pooled": g(&self.dmarc_preflight_pooled),
         })
     }
 }
@@ -54,6 +66,8 @@ pub struct Inbound {
     pub spool: Spool,
     pub queue: QueueHandle,
     pub bounce: Arc<Bounce>,
+    pub auth: Arc<Auth>,
+    pub signer: Option<Arc<Signer>>,
     pub counters: Counters,
     permits: Arc<Semaphore>,
 }
@@ -65,9 +79,13 @@ impl Inbound {
         spool: Spool,
         queue: QueueHandle,
         bounce: Arc<Bounce>,
+        auth: Arc<Auth>,
+        signer: Option<Arc<Signer>>,
     ) -> Arc<Inbound> {
         Arc::new(Inbound {
             bounce,
+            auth,
+            signer,
             permits: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
             cfg,
             table,

@@ -22,6 +22,7 @@ const MAX_ERRORS: u32 = 20;
 /// The MAIL transaction in progress.
 pub(super) struct Transaction {
     pub reverse_path: String,
+    pub spf: crate::policy::SpfResults,
     pub smtputf8: bool,
     pub eight_bit: bool,
     pub env_id: Option<String>,
@@ -202,7 +203,7 @@ impl Session {
         match req {
             Request::Ehlo { host } => self.handle_helo(host, true),
             Request::Helo { host } => self.handle_helo(host, false),
-            Request::Mail { from } => self.handle_mail(&text, from),
+            Request::Mail { from } => self.handle_mail(&text, from).await,
             Request::Rcpt { to } => self.handle_rcpt(&text, to),
             Request::Data => self.handle_data(),
             Request::Rset => {

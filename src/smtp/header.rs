@@ -29,6 +29,32 @@ pub fn fields(headers: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
     out.into_iter()
 }
 
+/// Header fields with their byte span in `headers`: (start, end, name, unfolded
+/// value); `end` includes the field's last CRLF.
+pub fn fields_raw(headers: &[u8]) -> Vec<(usize, usize, String, String)> {
+    let mut out: Vec<(usize, usize, String, String)> = Vec::new();
+    let mut pos = 0;
+    while pos < headers.len() {
+        let end = headers[pos..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(headers.len(), |p| pos + p + 2);
+        let line = String::from_utf8_lossy(&headers[pos..end]);
+        let text = line.trim_end_matches("\r\n");
+        if text.starts_with([' ', '\t']) {
+            if let Some(last) = out.last_mut() {
+                last.1 = end;
+                last.3.push(' ');
+                last.3.push_str(text.trim());
+            }
+        } else if let Some((name, value)) = text.split_once(':') {
+            out.push((pos, end, name.trim().to_string(), value.trim().to_string()));
+        }
+        pos = end;
+    }
+    out
+}
+
 pub fn count_fields(headers: &[u8], name: &str) -> usize {
     fields(headers).filter(|(n, _)| n == name).count()
 }

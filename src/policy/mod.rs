@@ -1,0 +1,305 @@
+//! Authentication of inbound mail: SPF (HELO and MAIL FROM identities checked
+//! separately), DKIM, DMARC, recorded in `Authentication-Results` and `Received-SPF`
+//! (the talk's "record the results in a header"), the DMARC pre-flight, and
+//! optional ARC sealing. mail-auth does the evaluation over the shared resolver.
+//!
+//! Decisions are returned as verdicts and replies; this module never touches the
+//! session, the spool or the table. DNS trouble never blocks mail by itself: a
+//! temperror is accepted and recorded unless `[auth] spf_temperror = "defer"`.
+
+pub mod dns_check;
+
+use crate::config::{Config, SpfFailAction, TempErrorAction};
+use crate::smtp::Reply;
+use crate::smtp::header::{fields_raw, header_section};
+use mail_auth::arc::ArcSealer;
+use mail_auth::common::crypto::DkimKey;
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::Done;
+use mail_auth::dmarc::Policy;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
+    ReceivedSpf, SpfOutput, SpfResult, dmarc::verify::DmarcParameters, spf::verify::SpfParameters,
+};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// The SPF results of one transaction (None when SPF checking is off).
+#[derive(Debug, Clone, Default)]
+pub struct SpfResults {
+    pub helo: Option<SpfOutput>,
+    pub mail_from: Option<SpfOutput>,
+}
+
+impl SpfResults {
+    /// The MAIL FROM result the 1b rule looks at.
+    pub fn result(&self) -> Option<SpfResult> {
+        self.mail_from.as_ref().map(|o| o.result())
+    }
+
+    /// Proposal 1b: SPF fail or softfail means no error mail goes back.
+    pub fn forbids_bounce(&self) -> bool {
+        matches!(self.result(), Some(SpfResult::Fail | SpfResult::SoftFail))
+    }
+}
+
+/// What the message-level checks found.
+#[derive(Debug, Default)]
+pub struct MessageVerdict {
+    /// `Authentication-Results:` and `Received-SPF:` to prepend (CRLF lines).
+    pub headers: Vec<u8>,
+    /// From domain has p=reject (or quarantine) and no aligned DKIM pass: forwarding
+    /// will fail DMARC at the destination.
+    pub doomed: Option<String>,
+    /// Refuse at DATA (dmarc_reject).
+    pub reject: Option<Reply>,
+    /// Summary for logs: `spf=pass dkim=pass dmarc=pass`.
+    pub summary: String,
+}
+
+pub struct Auth {
+    cfg: Arc<Config>,
+    ma: MessageAuthenticator,
+    /// ARC sealer with the forwarder's key (`[dkim] arc = true`).
+    arc: Option<ArcSealer<DkimKey, Done>>,
+}
+
+pub fn spf_name(r: SpfResult) -> &'static str {
+    match r {
+        SpfResult::Pass => "pass",
+        SpfResult::Fail => "fail",
+        SpfResult::SoftFail => "softfail",
+        SpfResult::Neutral => "neutral",
+        SpfResult::TempError => "temperror",
+        SpfResult::PermError => "permerror",
+        SpfResult::None => "none",
+    }
+}
+
+impl Auth {
+    pub fn new(cfg: Arc<Config>, resolver: crate::dns::Resolver) -> Result<Auth, String> {
+        let d = &cfg.dkim;
+        let arc = match (&d.domain, &d.selector, &d.key) {
+            (Some(domain), Some(selector), Some(key)) if d.arc => Some(
+                ArcSealer::from_key(crate::signing::load_key(key)?)
+                    .domain(domain.clone())
+                    .selector(selector.clone())
+                    .headers([
+                        "From",
+                        "To",
+                        "Subject",
+                        "Date",
+                        "Message-ID",
+                        "DKIM-Signature",
+                    ]),
+            ),
+            _ if d.arc => return Err("[dkim] arc = true needs domain, selector and key".into()),
+            _ => None,
+        };
+        Ok(Auth {
+            cfg,
+            ma: MessageAuthenticator(resolver),
+            arc,
+        })
+    }
+
+    pub fn authenticator(&self) -> &MessageAuthenticator {
+        &self.ma
+    }
+
+    /// Checks SPF for the HELO identity and the MAIL FROM identity (RFC 7208 §2.3,
+    /// §2.4). `sender` is the full reverse-path, "" for `<>`.
+    pub async fn check_spf(&self, ip: IpAddr, helo: &str, sender: &str) -> SpfResults {
+        if !self.cfg.auth.spf {
+            return SpfResults::default();
+        }
+        let host = &self.cfg.hostname;
+        let helo_out = self
+            .ma
+            .verify_spf(SpfParameters::verify_ehlo(ip, helo, host))
+            .await;
+        // For `<>` RFC 7208 §2.4 checks postmaster@HELO: mail-auth does that itself.
+        let mf = self
+            .ma
+            .verify_spf(SpfParameters::verify_mail_from(ip, helo, host, sender))
+            .await;
+        SpfResults {
+            helo: Some(helo_out),
+            mail_from: Some(mf),
+        }
+    }
+
+    /// The reply to MAIL when the SPF policy refuses the sender, else None.
+    pub fn spf_reply(&self, spf: &SpfResults) -> Option<Reply> {
+        match spf.result()? {
+            SpfResult::Fail if self.cfg.auth.spf_fail == SpfFailAction::Reject => Some(Reply::new(
+                550,
+                "5.7.23",
+                "SPF validation failed: the sender's domain does not authorize this host",
+            )),
+            SpfResult::TempError if self.cfg.auth.spf_temperror == TempErrorAction::Defer => {
+                Some(Reply::new(
+                    451,
+                    "4.7.24",
+                    "temporary SPF validation error, try again later",
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// DKIM, DMARC and the headers that record every result.
+    pub async fn check_message(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+        spf: &SpfResults,
+        msg: &[u8],
+    ) -> MessageVerdict {
+        let mut v = MessageVerdict::default();
+        if !self.cfg.auth.spf && !self.cfg.auth.dkim {
+            return v;
+        }
+        let authserv = self.cfg.authserv_id();
+        let mut ar = AuthenticationResults::new(authserv);
+        let mut summary = Vec::new();
+        if let (Some(h), Some(m)) = (&spf.helo, &spf.mail_from) {
+            ar = ar
+                .with_spf_ehlo_result(h, ip, helo)
+                .with_spf_mailfrom_result(m, ip, sender, helo);
+            summary.push(format!("spf={}", spf_name(m.result())));
+        }
+        let parsed = AuthenticatedMessage::parse(msg);
+        if self.cfg.auth.dkim
+            && let Some(am) = &parsed
+        {
+            let dkim = self.ma.verify_dkim(am).await;
+            let header_from = am.from.first().map(String::as_str).unwrap_or("");
+            ar = ar.with_dkim_results(&dkim, header_from);
+            let pass = dkim
+                .iter()
+                .filter(|d| d.result() == &DkimResult::Pass)
+                .count();
+            summary.push(format!("dkim={}/{}", pass, dkim.len()));
+            let mf_domain = match sender.rsplit_once('@') {
+                Some((_, d)) => d.to_string(),
+                None => helo.to_string(),
+            };
+            // DMARC needs an SPF result; without SPF checking it sees none.
+            let none = SpfOutput::new(mf_domain.clone());
+            let spf_mf = spf.mail_from.as_ref().unwrap_or(&none);
+            let dmarc = self
+                .ma
+                .verify_dmarc(DmarcParameters::new(am, &dkim, &mf_domain, spf_mf))
+                .await;
+            ar = ar.with_dmarc_result(&dmarc);
+            let dkim_aligned = dmarc.dkim_result() == &DmarcResult::Pass;
+            let passed = dkim_aligned || dmarc.spf_result() == &DmarcResult::Pass;
+            summary.push(format!(
+                "dmarc={}",
+                if dmarc.domain().is_empty() || dmarc.dmarc_record().is_none() {
+                    "none"
+                } else if passed {
+                    "pass"
+                } else {
+                    "fail"
+                }
+            ));
+            let strict = match dmarc.policy() {
+                Policy::Reject => true,
+                Policy::Quarantine => self.cfg.auth.dmarc_preflight_quarantine,
+                _ => false,
+            };
+            if dmarc.dmarc_record().is_some() && strict && !dkim_aligned {
+                v.doomed = Some(format!(
+                    "DMARC pre-flight: {} publishes p={} and the message has no valid DKIM signature aligned with From; forwarding would fail DMARC at the destination",
+                    dmarc.domain(),
+                    if dmarc.policy() == Policy::Reject {
+                        "reject"
+                    } else {
+                        "quarantine"
+                    }
+                ));
+            }
+            if self.cfg.auth.dmarc_reject
+                && dmarc.dmarc_record().is_some()
+                && dmarc.policy() == Policy::Reject
+                && !passed
+            {
+                v.reject = Some(Reply::new(
+                    550,
+                    "5.7.1",
+                    format!("DMARC policy of {} rejects this message", dmarc.domain()),
+                ));
+            }
+        }
+        if let (Some(sealer), Some(am)) = (&self.arc, &parsed) {
+            let arc_out = self.ma.verify_arc(am).await;
+            ar = ar.with_arc_result(&arc_out, ip);
+            if arc_out.can_be_sealed() {
+                match sealer.seal(am, &ar, &arc_out) {
+                    Ok(set) => v.headers.extend_from_slice(set.to_header().as_bytes()),
+                    Err(e) => tracing::warn!(error = %e, "ARC sealing failed"),
+                }
+            }
+        }
+        v.headers.extend_from_slice(ar.to_header().as_bytes());
+        if let Some(m) = &spf.mail_from {
+            v.headers.extend_from_slice(
+                ReceivedSpf::new(m, ip, helo, sender, &self.cfg.hostname)
+                    .to_header()
+                    .as_bytes(),
+            );
+        }
+        v.summary = summary.join(" ");
+        v
+    }
+}
+
+/// Removes incoming `Authentication-Results` fields that claim our authserv-id
+/// (RFC 8601 §5: a forged one could make downstream filters trust the message).
+/// Returns None when there is nothing to remove.
+pub fn strip_forged_results(msg: &[u8], authserv_id: &str) -> Option<Vec<u8>> {
+    let headers = header_section(msg);
+    let mut out = Vec::with_capacity(msg.len());
+    let mut removed = false;
+    let mut pos = 0;
+    for (start, end, name, value) in fields_raw(headers) {
+        if name.eq_ignore_ascii_case("authentication-results") {
+            let id = value
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            if id.eq_ignore_ascii_case(authserv_id) {
+                out.extend_from_slice(&msg[pos..start]);
+                pos = end;
+                removed = true;
+            }
+        }
+    }
+    if !removed {
+        return None;
+    }
+    out.extend_from_slice(&msg[pos..]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_only_our_authserv_id() {
+        let m = b"Authentication-Results: tenso.test; spf=pass\r\n smtp.mailfrom=x\r\nAuthentication-Results: other.test; dkim=pass\r\nSubject: s\r\n\r\nAuthentication-Results: tenso.test; body\r\n";
+        let out = strip_forged_results(m, "TENSO.test").unwrap();
+        assert_eq!(
+            out,
+            b"Authentication-Results: other.test; dkim=pass\r\nSubject: s\r\n\r\nAuthentication-Results: tenso.test; body\r\n"
+        );
+        assert!(strip_forged_results(&out, "tenso.test").is_none());
+    }
+}
