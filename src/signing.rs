@@ -32,6 +32,48 @@ pub struct Signer {
     signer: DkimSigner<DkimKey, Done>,
     pub domain: String,
     pub selector: String,
+    /// The TXT value to publish at `selector._domainkey.domain`.
+    pub txt: String,
+}
+
+/// DER length octets.
+fn der_len(n: usize) -> Vec<u8> {
+    match n {
+        0..0x80 => vec![n as u8],
+        0x80..0x100 => vec![0x81, n as u8],
+        _ => vec![0x82, (n >> 8) as u8, n as u8],
+    }
+}
+
+/// Wraps a PKCS#1 RSAPublicKey in a SubjectPublicKeyInfo, the form RFC 6376 puts
+/// in `p=` (some verifiers accept nothing else).
+fn rsa_spki(pkcs1: &[u8]) -> Vec<u8> {
+    const RSA_ALG: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let mut bits = vec![0x03];
+    bits.extend(der_len(pkcs1.len() + 1));
+    bits.push(0);
+    bits.extend_from_slice(pkcs1);
+    let mut out = vec![0x30];
+    out.extend(der_len(RSA_ALG.len() + bits.len()));
+    out.extend_from_slice(&RSA_ALG);
+    out.extend(bits);
+    out
+}
+
+/// The DKIM TXT record value for a key.
+pub fn txt_record(key: &DkimKey) -> String {
+    match key {
+        DkimKey::Rsa(k) => format!(
+            "v=DKIM1; k=rsa; p={}",
+            base64_engine::encode(&rsa_spki(&k.public_key()))
+        ),
+        DkimKey::Ed25519(k) => format!(
+            "v=DKIM1; k=ed25519; p={}",
+            base64_engine::encode(&k.public_key())
+        ),
+    }
 }
 
 /// Loads a PEM private key: PKCS#8 (RSA or Ed25519) or PKCS#1 RSA.
@@ -58,6 +100,7 @@ impl Signer {
             return Ok(None);
         };
         let key = load_key(key)?;
+        let txt = txt_record(&key);
         let signer = DkimSigner::from_key(key)
             .domain(domain.clone())
             .selector(selector.clone())
@@ -66,6 +109,7 @@ impl Signer {
             signer,
             domain: domain.clone(),
             selector: selector.clone(),
+            txt,
         }))
     }
 
@@ -168,6 +212,10 @@ mod tests {
                 arc: false,
             };
             let s = Signer::from_config(&cfg).unwrap().unwrap();
+            assert_eq!(
+                s.txt, txt,
+                "the record printed at keygen is the one derived from the key"
+            );
             let h = s
                 .sign(b"From: a@b.test\r\nSubject: x\r\n\r\nbody\r\n")
                 .unwrap();

@@ -76,6 +76,18 @@ pub enum Command {
         #[command(subcommand)]
         cmd: PoolCmd,
     },
+    /// The DNS records each local domain needs, checked against what is published.
+    Dns {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// DKIM key management.
+    Dkim {
+        #[command(subcommand)]
+        cmd: DkimCmd,
+    },
     /// Counters and sizes.
     Status {
         #[arg(long)]
@@ -137,6 +149,24 @@ pub enum DomainCmd {
     List {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DkimCmd {
+    /// Write a new private key (PEM) and print the DNS TXT record to publish.
+    Keygen {
+        /// rsa (2048 bits) or ed25519.
+        #[arg(long, default_value = "rsa")]
+        algorithm: String,
+        /// Where to write the private key (mode 0600); refuses to overwrite.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "tenso")]
+        selector: String,
+        /// The signing domain (d=); default: the [dkim] domain or the hostname.
+        #[arg(long)]
+        domain: Option<String>,
     },
 }
 
@@ -356,6 +386,21 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 )
             }
         },
+        Command::Dns { domain, json } => (Request::DnsCheck { domain }, json, output::Kind::Dns),
+        Command::Dkim {
+            cmd:
+                DkimCmd::Keygen {
+                    algorithm,
+                    out,
+                    selector,
+                    domain,
+                },
+        } => {
+            let domain = domain
+                .or_else(|| cfg.dkim.domain.clone())
+                .unwrap_or_else(|| cfg.hostname.clone());
+            return keygen(&algorithm, &out, &selector, &domain);
+        }
         Command::Status { json } => (Request::Status, json, output::Kind::Json),
     };
     let resp = match send(&cfg, req).await {
@@ -366,6 +411,35 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
         }
     };
     output::print(resp, json, kind)
+}
+
+fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) -> ExitCode {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (pem, txt) = match crate::signing::keygen(algorithm) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("tenso: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out);
+    if let Err(e) = file.and_then(|mut f| f.write_all(pem.as_bytes()).and_then(|_| f.sync_all())) {
+        eprintln!("tenso: cannot write {}: {e}", out.display());
+        return ExitCode::from(1);
+    }
+    println!("# private key written to {} (mode 0600)", out.display());
+    println!(
+        "# add to the config:\n#   [dkim]\n#   domain = \"{domain}\"\n#   selector = \"{selector}\"\n#   key = \"{}\"",
+        out.display()
+    );
+    println!("# publish this record:");
+    println!("{selector}._domainkey.{domain}. IN TXT \"{txt}\"");
+    ExitCode::SUCCESS
 }
 
 /// Sends a request to the daemon, or runs it here when no daemon is running.

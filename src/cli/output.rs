@@ -14,6 +14,7 @@ pub enum Kind {
     QueueShow,
     PoolList,
     PoolShow,
+    Dns,
     Done,
     Json,
 }
@@ -155,6 +156,40 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
             }
         }
         Kind::PoolShow => print!("{}", s(&d["message"])),
+        Kind::Dns => {
+            let ips: Vec<String> = d["outbound_ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            println!(
+                "forwarder outbound addresses: {}",
+                if ips.is_empty() {
+                    "unknown".into()
+                } else {
+                    ips.join(", ")
+                }
+            );
+            for c in d["checks"].as_array().into_iter().flatten() {
+                let status = if c["ok"].as_bool() == Some(true) {
+                    "ok"
+                } else {
+                    "PROBLEM"
+                };
+                println!("{:<5} {:<40} {status}", s(&c["kind"]), s(&c["name"]));
+                println!("      want:  {}", s(&c["want"]));
+                for f in c["found"].as_array().into_iter().flatten() {
+                    println!("      found: {}", s(f));
+                }
+                if !c["problem"].is_null() {
+                    println!("      problem: {}", s(&c["problem"]));
+                }
+            }
+            if d["ok"].as_bool() != Some(true) {
+                return ExitCode::from(1);
+            }
+        }
         Kind::Done => println!("ok"),
         Kind::Json => unreachable!(),
     }

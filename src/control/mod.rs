@@ -85,6 +85,9 @@ pub enum Request {
         older_than: Option<u64>,
         alias: Option<String>,
     },
+    DnsCheck {
+        domain: Option<String>,
+    },
     Status,
 }
 
@@ -364,6 +367,18 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
                 .map_err(|x| x.to_string())?;
             tracing::info!(purged = n, ?older_than, "pool purged by admin");
             Ok(json!({ "purged": n }))
+        }
+        Request::DnsCheck { domain } => {
+            let domains = match domain {
+                Some(d) => vec![d.to_lowercase()],
+                None => t.domains().map_err(e)?,
+            };
+            let resolver = crate::dns::build(ctx.cfg)?;
+            let signer = crate::signing::Signer::from_config(&ctx.cfg.dkim)?;
+            let report =
+                crate::policy::dns_check::check(ctx.cfg, &resolver, signer.as_ref(), &domains)
+                    .await;
+            Ok(json!(report))
         }
         Request::Status => Ok(json!({
             "daemon": ctx.queue.is_some(),
