@@ -67,6 +67,9 @@ pub struct Config {
     pub bounce: BounceConfig,
     pub auth: AuthConfig,
     pub dkim: DkimConfig,
+    pub limits: LimitsConfig,
+    pub reputation: ReputationConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +175,118 @@ impl Default for AuthConfig {
             dmarc_preflight_quarantine: false,
             authserv_id: None,
             outbound_ips: Vec::new(),
+        }
+    }
+}
+
+/// The talk's rate controls, inbound and outbound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Concurrent sessions from one client (IPv4 address, IPv6 /64).
+    pub max_connections_per_ip: usize,
+    /// New connections per client per minute (token bucket; burst = this number).
+    pub connect_rate_per_minute: u32,
+    /// Messages per session; then 421 and close.
+    pub max_messages_per_connection: usize,
+    /// Error replies per session; then 421 and close.
+    pub max_errors: u32,
+    /// First delay after a "user unknown" from a client; doubles per event.
+    #[serde(with = "humantime_serde")]
+    pub unknown_penalty_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub unknown_penalty_max: Duration,
+    /// Every period without a new event halves the penalty.
+    #[serde(with = "humantime_serde")]
+    pub unknown_penalty_decay: Duration,
+    /// Clients remembered for penalties and connect rates (oldest evicted).
+    pub tracked_clients: usize,
+    /// A DATA transfer slower than this many bytes per second (after 30 s) is cut.
+    pub min_data_rate: u64,
+    /// Outbound: messages per minute to one destination domain (0 = no limit).
+    pub domain_rate_per_minute: u32,
+    /// Outbound: concurrent connections to one destination domain.
+    pub domain_max_connections: usize,
+    /// Outbound: messages forwarded per alias per hour (0 = no limit); more wait.
+    pub alias_rate_per_hour: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections_per_ip: 50,
+            connect_rate_per_minute: 300,
+            max_messages_per_connection: 1000,
+            max_errors: 20,
+            unknown_penalty_base: Duration::from_secs(1),
+            unknown_penalty_max: Duration::from_secs(60),
+            unknown_penalty_decay: Duration::from_secs(600),
+            tracked_clients: 100_000,
+            min_data_rate: 1024,
+            domain_rate_per_minute: 0,
+            domain_max_connections: 20,
+            alias_rate_per_hour: 1000,
+        }
+    }
+}
+
+/// What a reputation list does with a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListAction {
+    /// 554 5.7.1 naming the list.
+    Reject,
+    /// Accept and note the hit in a header on the forwarded copy.
+    Record,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpList {
+    /// DNSBL zone queried with the reversed client address (A record; TXT = reason).
+    pub zone: String,
+    pub action: ListAction,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRating {
+    /// Zone queried with the MAIL FROM domain for TXT like "Status: Good", "Rating: 100".
+    pub zone: String,
+    pub action: ListAction,
+    /// Ratings below this (or a status other than Good) are a hit.
+    #[serde(default = "default_min_rating")]
+    pub min_rating: i64,
+}
+
+fn default_min_rating() -> i64 {
+    50
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReputationConfig {
+    pub ip_lists: Vec<IpList>,
+    pub domain_ratings: Vec<DomainRating>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain for inbound STARTTLS. Without cert and key, a
+    /// self-signed certificate is generated in the data dir.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Offer STARTTLS inbound.
+    pub starttls: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            starttls: true,
         }
     }
 }
@@ -350,6 +465,9 @@ impl Default for Config {
             bounce: BounceConfig::default(),
             auth: AuthConfig::default(),
             dkim: DkimConfig::default(),
+            limits: LimitsConfig::default(),
+            reputation: ReputationConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -499,6 +617,9 @@ impl Config {
             && crate::smtp::address::split_host_port(r).is_none()
         {
             return bad(format!("[delivery] relay_host {r:?} is not host:port"));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("[tls] needs cert and key together".into());
         }
         let d = &self.dkim;
         let set = [d.domain.is_some(), d.selector.is_some(), d.key.is_some()];

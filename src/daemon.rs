@@ -63,21 +63,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         spool.clone(),
         signer.clone(),
     ));
-    let worker = Arc::new(crate::queue::Worker {
-        cfg: cfg.clone(),
-        spool: spool.clone(),
+    let worker = Arc::new(crate::queue::Worker::new(
+        cfg.clone(),
+        spool.clone(),
         delivery,
-        bounce: bounce.clone(),
-    });
+        bounce.clone(),
+    ));
     let queue = crate::queue::start(worker, recovered.envelopes);
     let inbound = crate::inbound::Inbound::new(
         cfg.clone(),
-        table.clone(),
-        spool.clone(),
-        queue.clone(),
-        bounce.clone(),
-        auth,
-        signer,
+        crate::inbound::Parts {
+            table: table.clone(),
+            spool: spool.clone(),
+            queue: queue.clone(),
+            bounce: bounce.clone(),
+            auth,
+            signer,
+            tls: crate::inbound::tls::acceptor(&cfg).map_err(anyhow::Error::msg)?,
+        },
     );
 
     let admin = control_server::bind(&cfg.socket_path())

@@ -41,6 +41,8 @@ pub fn build(cfg: &Config) -> Result<Resolver, String> {
     let opts = builder.options_mut();
     opts.timeout = cfg.dns.timeout;
     opts.attempts = 2;
+    // The cache honours each record's TTL; reputation lookups rely on it.
+    opts.cache_size = 10_000;
     // Mail domains are fully qualified: never append a search domain.
     opts.ndots = 0;
     builder

@@ -164,6 +164,35 @@ pub fn expand(
     }
 }
 
+/// The final (remote) destinations of an alias, following alias chains exactly as
+/// forwarded mail does. Used for bounces under policy `forward` and for digests.
+pub fn destinations(table: &Table, cfg: &Config, alias: &str) -> Result<Vec<String>, TableError> {
+    let entry = table.get(alias)?;
+    let name = alias.trim().to_lowercase();
+    let found = Found {
+        alias: name.clone(),
+        kind: if name.starts_with('@') {
+            MatchKind::CatchAll
+        } else {
+            MatchKind::Exact
+        },
+        entry,
+    };
+    // A catch-all has no mailbox of its own; any address of its domain stands in.
+    let written = Mailbox::parse(&if name.starts_with('@') {
+        format!("postmaster{name}")
+    } else {
+        name.clone()
+    })
+    .map_err(|e| TableError::Invalid(format!("alias {alias}: {e}")))?;
+    let rcpts = expand(table, cfg, &Target::Alias { written, found }, "")?;
+    Ok(rcpts
+        .into_iter()
+        .filter(|r| r.is_pending())
+        .map(|r| r.dest)
+        .collect())
+}
+
 /// Marks a recipient failed before any attempt (the DSN step reports it).
 pub fn fail(r: &mut Rcpt, status: &str, why: &str) {
     r.state = RcptState::Failed;

@@ -38,6 +38,7 @@ pub mod forward;
 pub mod inbound;
 pub mod policy;
 pub mod queue;
+pub mod rate;
 pub mod signing;
 pub mod smtp;
 pub mod spool;

@@ -9,6 +9,7 @@
 use super::dsn::{self, NullSenderKind};
 use super::{Bounce, Queued};
 use crate::config::BouncePolicy;
+use crate::smtp::header::{fields_raw, header_section};
 use crate::spool::MessageKind;
 use crate::table::DestHealth;
 use std::sync::atomic::Ordering;
@@ -53,6 +54,7 @@ impl Bounce {
             .or_else(|| dsn::returned_message_id(msg));
         let envid = parsed.as_ref().and_then(|p| p.original_envelope_id.clone());
         let log = self.table.fwdlog().map_err(|e| e.to_string())?;
+        let unflagged = strip_flags(msg);
         let mut out = Handled::default();
         for t in targets {
             let by_envid = match &envid {
@@ -95,7 +97,7 @@ impl Bounce {
                     );
                 }
             }
-            copy.extend_from_slice(msg);
+            copy.extend_from_slice(&unflagged);
             // A bounce that already went through tenso for this alias is pooled: sending
             // it to the same destinations again is exactly the talk's loop.
             let policy = if t.looped {
@@ -152,6 +154,21 @@ impl Bounce {
             }
         }
     }
+}
+
+/// `msg` without `X-Tenso-Bounce` fields: only tenso writes that flag, so one that
+/// arrives from outside is forged (e.g. backscatter posing as correlated).
+fn strip_flags(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len());
+    let mut pos = 0;
+    for (start, end, name, _) in fields_raw(header_section(msg)) {
+        if name.eq_ignore_ascii_case("x-tenso-bounce") {
+            out.extend_from_slice(&msg[pos..start]);
+            pos = end;
+        }
+    }
+    out.extend_from_slice(&msg[pos..]);
+    out
 }
 
 /// The talk's reading of common statuses, for `tenso user show`.

@@ -132,19 +132,22 @@ impl Bounce {
     ) -> Result<Option<Queued>, String> {
         let dests = match policy {
             BouncePolicy::Pool => None,
-            BouncePolicy::Forward => match self.table.get(alias) {
-                Ok(e) if self.take_forward_slot(alias) => Some(e.dests),
-                Ok(_) => {
-                    self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        alias,
-                        limit = self.cfg.bounce.forward_rate_per_hour,
-                        "bounce forward rate exceeded: pooling instead"
-                    );
-                    None
+            BouncePolicy::Forward => {
+                match crate::forward::destinations(&self.table, &self.cfg, alias) {
+                    Ok(d) if d.is_empty() => None,
+                    Ok(d) if self.take_forward_slot(alias) => Some(d),
+                    Ok(_) => {
+                        self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            alias,
+                            limit = self.cfg.bounce.forward_rate_per_hour,
+                            "bounce forward rate exceeded: pooling instead"
+                        );
+                        None
+                    }
+                    Err(_) => None,
                 }
-                Err(_) => None,
-            },
+            }
         };
         let Some(dests) = dests else {
             let id = self
@@ -334,7 +337,7 @@ impl Bounce {
         }
         let mut out = Vec::new();
         for (alias, list) in by_alias {
-            let Ok(entry) = self.table.get(&alias) else {
+            let Ok(dests) = crate::forward::destinations(&self.table, &self.cfg, &alias) else {
                 continue;
             };
             let now = crate::time::unix_now();
@@ -362,7 +365,7 @@ impl Bounce {
                 .queue_to(
                     &alias,
                     BouncePolicy::Pool,
-                    &entry.dests,
+                    &dests,
                     body.into_bytes(),
                     MessageKind::Dsn,
                     vec!["pool digest".into()],

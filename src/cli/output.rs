@@ -44,6 +44,10 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
     let d = &resp.data;
     if json || matches!(kind, Kind::Json) {
         println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+        // `tenso dns --json` in scripts: a problem must show in the exit status too.
+        if matches!(kind, Kind::Dns) && d["ok"].as_bool() != Some(true) {
+            return ExitCode::from(1);
+        }
         return ExitCode::SUCCESS;
     }
     match kind {

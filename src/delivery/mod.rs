@@ -63,6 +63,8 @@ pub struct Delivery {
     slots: Mutex<HashMap<SocketAddr, HostSlot>>,
     limits: Mutex<HashMap<SocketAddr, Limits>>,
     dead: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Concurrent transactions per destination domain (`domain_max_connections`).
+    domains: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Delivery {
@@ -77,6 +79,7 @@ impl Delivery {
             slots: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
             dead: Mutex::new(HashMap::new()),
+            domains: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&d);
         tokio::spawn(async move {
@@ -213,6 +216,24 @@ impl Delivery {
 
     /// Delivers one group. Never fails as a whole: every recipient gets an outcome.
     pub async fn deliver(&self, job: &Job<'_>) -> Report {
+        let sem = {
+            let mut d = self.domains.lock().expect("domains lock");
+            if d.len() > 10_000 {
+                d.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            d.entry(job.domain.to_lowercase())
+                .or_insert_with(|| {
+                    Arc::new(Semaphore::new(
+                        self.cfg.limits.domain_max_connections.max(1),
+                    ))
+                })
+                .clone()
+        };
+        let _slot = sem.acquire_owned().await.expect("semaphore never closed");
+        self.deliver_inner(job).await
+    }
+
+    async fn deliver_inner(&self, job: &Job<'_>) -> Report {
         let n = job.rcpts.len();
         let hosts = match route::resolve(&self.cfg, &self.resolver, job.domain).await {
             Ok(h) => h,

@@ -97,6 +97,17 @@ impl Session {
         let mut msg = Vec::with_capacity(body.len() + 1024);
         self.write_received(&mut msg, &id, &helo, &tx.targets, tx.smtputf8);
         msg.extend_from_slice(&verdict.headers);
+        for hit in &tx.reputation {
+            let reason: String = hit
+                .reason
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
+            msg.extend_from_slice(
+                format!("X-Tenso-Reputation: {}; {reason}\r\n", hit.zone).as_bytes(),
+            );
+        }
         msg.extend_from_slice(&body);
         drop(body);
         if let Some(signer) = &self.ctx.signer {
@@ -191,6 +202,7 @@ impl Session {
             }
         }
         self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        self.messages += 1;
         if rcpts.is_empty() {
             // Everything was pooled, bounced or discarded above, durably.
             tracing::info!(queue_id = %id, client = %client, from = %tx.reverse_path, auth = %verdict.summary, "accepted; nothing to forward");

@@ -6,7 +6,7 @@
 //! refused here, whatever the table holds.
 
 use super::session::{Session, Transaction};
-use crate::config::UnknownRecipient;
+use crate::config::{ListAction, UnknownRecipient};
 use crate::forward::Target;
 use crate::smtp::Reply;
 use crate::smtp::address::{AddressError, Path, extract_path, parse_path};
@@ -20,6 +20,19 @@ impl Session {
         }
         if self.tx.is_some() {
             return self.reply(Reply::new(503, "5.5.1", "nested MAIL command"));
+        }
+        let max_msgs = self.ctx.cfg.limits.max_messages_per_connection;
+        if self.messages >= max_msgs {
+            self.ctx
+                .counters
+                .too_many_messages
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %self.peer.ip(), messages = self.messages, "too many messages in one session, closing");
+            return self.close_with(Reply::new(
+                421,
+                "4.7.0",
+                format!("too many messages in one session (at most {max_msgs}), reconnect"),
+            ));
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if !self.esmtp && (from.flags != 0 || from.size != 0) {
@@ -55,9 +68,34 @@ impl Session {
             tracing::info!(client = %self.peer.ip(), from = %reverse_path, reply = %reply, "sender refused by SPF policy");
             return self.reply(reply);
         }
+        let mut reputation = self
+            .ctx
+            .auth
+            .reputation(self.peer.ip(), &reverse_path)
+            .await;
+        if let Some(hit) = reputation.iter().find(|h| h.action == ListAction::Reject) {
+            self.ctx
+                .counters
+                .reputation_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %self.peer.ip(), from = %reverse_path, zone = %hit.zone, reason = %hit.reason, "rejected by reputation list");
+            return self.reply(Reply::new(
+                554,
+                "5.7.1",
+                format!("rejected: listed in {} ({})", hit.zone, hit.reason),
+            ));
+        }
+        if !reputation.is_empty() {
+            self.ctx
+                .counters
+                .reputation_recorded
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        reputation.retain(|h| h.action == ListAction::Record);
         tracing::debug!(client = %self.peer.ip(), from = %reverse_path, spf = ?spf.result(), "mail");
         self.tx = Some(Transaction {
             spf,
+            reputation,
             reverse_path,
             smtputf8,
             eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
@@ -150,6 +188,7 @@ impl Session {
                 written: m.to_string(),
             }),
             _ if self.ctx.cfg.smtp.unknown_recipient == UnknownRecipient::Accept => {
+                self.unknown_user();
                 // Harvest resistance: the reply does not tell who exists.
                 self.ctx
                     .counters
@@ -164,9 +203,17 @@ impl Session {
                     .counters
                     .rejected_rcpt
                     .fetch_add(1, Ordering::Relaxed);
+                self.unknown_user();
                 Reply::new(550, "5.1.1", "user unknown")
             }
         }
+    }
+
+    /// The talk's slow-down: a client that names unknown users waits longer for
+    /// its next connection, and for every further reply in this session.
+    fn unknown_user(&mut self) {
+        self.slow = self.ctx.limiter.unknown_user(self.peer.ip());
+        tracing::info!(client = %self.peer.ip(), delay_ms = self.slow.as_millis() as u64, "unknown recipient: client slowed down");
     }
 
     fn accept(&mut self, target: Target) -> Reply {

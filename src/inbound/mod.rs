@@ -10,11 +10,13 @@ mod data;
 mod mail;
 mod session;
 pub mod stream;
+pub mod tls;
 
 use crate::bounce::Bounce;
 use crate::config::Config;
 use crate::policy::Auth;
 use crate::queue::QueueHandle;
+use crate::rate::{Limiter, Refusal};
 use crate::signing::Signer;
 use crate::spool::Spool;
 use crate::table::Table;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 
 /// Counters for the admin (`tenso status`) and tests.
 #[derive(Default, Debug)]
@@ -39,6 +42,15 @@ pub struct Counters {
     pub bounce_suppressed_1b: AtomicU64,
     pub unknown_bounced: AtomicU64,
     pub dmarc_preflight_pooled: AtomicU64,
+    pub refused_per_ip: AtomicU64,
+    pub refused_rate: AtomicU64,
+    pub penalized: AtomicU64,
+    pub too_many_errors: AtomicU64,
+    pub too_many_messages: AtomicU64,
+    pub too_slow: AtomicU64,
+    pub starttls_injection: AtomicU64,
+    pub reputation_rejected: AtomicU64,
+    pub reputation_recorded: AtomicU64,
 }
 
 impl Counters {
@@ -55,6 +67,15 @@ impl Counters {
             "bounce_suppressed_1b": g(&self.bounce_suppressed_1b),
             "unknown_bounced": g(&self.unknown_bounced),
             "dmarc_preflight_pooled": g(&self.dmarc_preflight_pooled),
+            "refused_per_ip": g(&self.refused_per_ip),
+            "refused_rate": g(&self.refused_rate),
+            "penalized": g(&self.penalized),
+            "too_many_errors": g(&self.too_many_errors),
+            "too_many_messages": g(&self.too_many_messages),
+            "too_slow": g(&self.too_slow),
+            "starttls_injection": g(&self.starttls_injection),
+            "reputation_rejected": g(&self.reputation_rejected),
+            "reputation_recorded": g(&self.reputation_recorded),
         })
     }
 }
@@ -69,29 +90,37 @@ pub struct Inbound {
     pub auth: Arc<Auth>,
     pub signer: Option<Arc<Signer>>,
     pub counters: Counters,
+    pub limiter: Limiter,
+    /// Inbound STARTTLS; None when `[tls] starttls = false`.
+    pub tls: Option<TlsAcceptor>,
     permits: Arc<Semaphore>,
 }
 
+/// The services a session uses, handed over by the daemon.
+pub struct Parts {
+    pub table: Table,
+    pub spool: Spool,
+    pub queue: QueueHandle,
+    pub bounce: Arc<Bounce>,
+    pub auth: Arc<Auth>,
+    pub signer: Option<Arc<Signer>>,
+    pub tls: Option<TlsAcceptor>,
+}
+
 impl Inbound {
-    pub fn new(
-        cfg: Arc<Config>,
-        table: Table,
-        spool: Spool,
-        queue: QueueHandle,
-        bounce: Arc<Bounce>,
-        auth: Arc<Auth>,
-        signer: Option<Arc<Signer>>,
-    ) -> Arc<Inbound> {
+    pub fn new(cfg: Arc<Config>, p: Parts) -> Arc<Inbound> {
         Arc::new(Inbound {
-            bounce,
-            auth,
-            signer,
+            limiter: Limiter::new(&cfg.limits),
             permits: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
-            cfg,
-            table,
-            spool,
-            queue,
+            table: p.table,
+            spool: p.spool,
+            queue: p.queue,
+            bounce: p.bounce,
+            auth: p.auth,
+            signer: p.signer,
+            tls: p.tls,
             counters: Counters::default(),
+            cfg,
         })
     }
 }
@@ -159,18 +188,43 @@ pub async fn run(
         };
         let _ = sock.set_nodelay(true);
         let inbound = inbound.clone();
-        match inbound.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(async move {
-                    session::run(inbound, sock, peer).await;
+        // Limits are checked before anything else: over a limit, the client gets
+        // 421 at once, never a silent wait in a queue.
+        let Ok(permit) = inbound.permits.clone().try_acquire_owned() else {
+            inbound.counters.busy.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %peer.ip(), limit = inbound.cfg.smtp.max_connections, "too many connections, refusing");
+            tokio::spawn(session::refuse(inbound, sock, "too many connections"));
+            continue;
+        };
+        tokio::spawn(async move {
+            let guard = match inbound.limiter.admit(peer.ip()) {
+                Ok(g) => g,
+                Err(r) => {
+                    let why = match r {
+                        Refusal::TooManyFromClient => {
+                            inbound
+                                .counters
+                                .refused_per_ip
+                                .fetch_add(1, Ordering::Relaxed);
+                            "too many connections from your address"
+                        }
+                        Refusal::ConnectRate => {
+                            inbound
+                                .counters
+                                .refused_rate
+                                .fetch_add(1, Ordering::Relaxed);
+                            "connecting too often"
+                        }
+                    };
+                    tracing::warn!(client = %peer.ip(), reason = why, "connection refused");
+                    session::refuse(inbound.clone(), sock, why).await;
                     drop(permit);
-                });
-            }
-            Err(_) => {
-                inbound.counters.busy.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client = %peer.ip(), limit = inbound.cfg.smtp.max_connections, "too many connections, refusing");
-                tokio::spawn(session::refuse_busy(inbound, sock));
-            }
-        }
+                    return;
+                }
+            };
+            session::run(inbound.clone(), sock, peer).await;
+            drop(guard);
+            drop(permit);
+        });
     }
 }

@@ -13,16 +13,19 @@ use smtp_proto::Request;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// After this many error replies in one session the client is dropped with 421.
-const MAX_ERRORS: u32 = 20;
+/// A DATA transfer is judged for its rate only after this long.
+const DATA_RATE_GRACE: Duration = Duration::from_secs(30);
 
 /// The MAIL transaction in progress.
 pub(super) struct Transaction {
     pub reverse_path: String,
     pub spf: crate::policy::SpfResults,
+    /// Hits of `record` reputation lists, noted on the forwarded copy.
+    pub reputation: Vec<crate::policy::reputation::Hit>,
     pub smtputf8: bool,
     pub eight_bit: bool,
     pub env_id: Option<String>,
@@ -48,22 +51,38 @@ pub(super) struct Session {
     pub data: Vec<u8>,
     pub errors: u32,
     pub quit: bool,
+    /// Messages accepted in this session.
+    pub messages: usize,
+    /// Delay before each further reply: this client caused "user unknown".
+    pub slow: Duration,
+    /// STARTTLS was answered 220: upgrade before reading anything else.
+    pub starttls: bool,
+    /// When DATA started and how many bytes came since (minimum data rate).
+    pub data_started: Option<Instant>,
+    pub data_bytes: usize,
 }
 
-pub(super) async fn refuse_busy(ctx: Arc<Inbound>, mut sock: TcpStream) {
+pub(super) async fn refuse(ctx: Arc<Inbound>, mut sock: TcpStream, why: &'static str) {
     let mut out = Vec::new();
     Reply::new(
         421,
         "4.7.0",
-        format!("{} too many connections, try again later", ctx.cfg.hostname),
+        format!("{} {why}, try again later", ctx.cfg.hostname),
     )
     .write_to(&mut out);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.write_all(&out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), sock.write_all(&out)).await;
 }
 
 pub(super) async fn run(ctx: Arc<Inbound>, sock: TcpStream, peer: SocketAddr) {
     ctx.counters.sessions.fetch_add(1, Ordering::Relaxed);
     tracing::info!(client = %peer.ip(), port = peer.port(), "connect");
+    // The penalty after "user unknown": only this client's task waits.
+    let penalty = ctx.limiter.penalty(peer.ip());
+    if !penalty.is_zero() {
+        ctx.counters.penalized.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(client = %peer.ip(), delay_ms = penalty.as_millis() as u64, "greeting delayed: earlier unknown recipients");
+        tokio::time::sleep(penalty).await;
+    }
     let mut s = Session {
         ctx,
         peer,
@@ -78,6 +97,11 @@ pub(super) async fn run(ctx: Arc<Inbound>, sock: TcpStream, peer: SocketAddr) {
         data: Vec::new(),
         errors: 0,
         quit: false,
+        messages: 0,
+        slow: Duration::ZERO,
+        starttls: false,
+        data_started: None,
+        data_bytes: 0,
     };
     let greeting = Reply::plain(
         220,
@@ -107,32 +131,49 @@ impl Session {
         Ok(())
     }
 
+    /// Writes a final 421 and ends the session.
+    pub(super) fn close_with(&mut self, r: Reply) {
+        self.reply(r);
+        self.quit = true;
+    }
+
     async fn serve(&mut self) -> std::io::Result<()> {
-        let mut chunk = vec![0u8; 64 * 1024];
         loop {
             self.process_input().await;
+            if self.errors >= self.ctx.cfg.limits.max_errors && !self.quit {
+                self.ctx
+                    .counters
+                    .too_many_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = %self.peer.ip(), errors = self.errors, "too many errors, closing");
+                self.close_with(Reply::new(
+                    421,
+                    "4.7.0",
+                    "too many errors, closing connection",
+                ));
+            }
             self.flush().await?;
             if self.quit {
                 let _ = self.stream.shutdown().await;
                 return Ok(());
             }
-            if self.errors >= MAX_ERRORS {
-                self.reply(Reply::new(
-                    421,
-                    "4.7.0",
-                    "too many errors, closing connection",
-                ));
-                self.flush().await?;
-                return Ok(());
+            if std::mem::take(&mut self.starttls) {
+                self.upgrade_tls().await?;
+                continue;
             }
-            let timeout = match self.mode {
-                Mode::Command => self.ctx.cfg.smtp.command_timeout,
-                Mode::Data(_) => self.ctx.cfg.smtp.data_timeout,
+            let in_data = matches!(self.mode, Mode::Data(_));
+            let timeout = if in_data {
+                self.ctx.cfg.smtp.data_timeout
+            } else {
+                self.ctx.cfg.smtp.command_timeout
             };
-            let n = match tokio::time::timeout(timeout, self.stream.read(&mut chunk)).await {
+            // Idle sessions keep a small buffer; DATA reads in large chunks.
+            self.inbuf.reserve(if in_data { 64 * 1024 } else { 4096 });
+            let n = match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.inbuf)).await
+            {
                 Ok(r) => r?,
                 Err(_) => {
-                    tracing::info!(client = %self.peer.ip(), "timeout");
+                    tracing::info!(client = %self.peer.ip(), in_data, "timeout");
                     self.reply(Reply::new(421, "4.4.2", "timeout, closing connection"));
                     self.flush().await?;
                     return Ok(());
@@ -141,14 +182,67 @@ impl Session {
             if n == 0 {
                 return Ok(());
             }
-            self.inbuf.extend_from_slice(&chunk[..n]);
+            if let Some(started) = self.data_started {
+                self.data_bytes += n;
+                let elapsed = started.elapsed();
+                let min = self.ctx.cfg.limits.min_data_rate;
+                if elapsed > DATA_RATE_GRACE && (self.data_bytes as u64) < min * elapsed.as_secs() {
+                    self.ctx.counters.too_slow.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client = %self.peer.ip(), bytes = self.data_bytes, secs = elapsed.as_secs(), "DATA slower than the minimum rate, closing");
+                    self.reply(Reply::new(
+                        421,
+                        "4.4.2",
+                        "data transfer too slow, closing connection",
+                    ));
+                    self.flush().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// STARTTLS (RFC 3207): everything the client pipelined after the command is
+    /// thrown away before the handshake (CVE-2011-0411), and the session starts over.
+    async fn upgrade_tls(&mut self) -> std::io::Result<()> {
+        if !self.inbuf.is_empty() {
+            self.ctx
+                .counters
+                .starttls_injection
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %self.peer.ip(), bytes = self.inbuf.len(), "discarding data pipelined after STARTTLS");
+            self.inbuf.clear();
+        }
+        self.framer = LineFramer::default();
+        let Some(acceptor) = self.ctx.tls.clone() else {
+            return Err(std::io::Error::other("STARTTLS without TLS configuration"));
+        };
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
+            return Err(std::io::Error::other("STARTTLS on a TLS stream"));
+        };
+        match tokio::time::timeout(self.ctx.cfg.smtp.command_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                self.stream = Stream::Tls(Box::new(tls));
+                self.helo = None;
+                self.esmtp = false;
+                self.tx = None;
+                tracing::info!(client = %self.peer.ip(), "TLS established");
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::info!(client = %self.peer.ip(), error = %e, "TLS handshake failed");
+                Err(e)
+            }
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake timeout",
+            )),
         }
     }
 
     /// Handles everything complete in the input buffer.
     async fn process_input(&mut self) {
         loop {
-            if self.quit || self.errors >= MAX_ERRORS {
+            if self.quit || self.starttls || self.errors >= self.ctx.cfg.limits.max_errors {
                 return;
             }
             if let Mode::Data(dec) = &mut self.mode {
@@ -163,7 +257,11 @@ impl Session {
                         else {
                             unreachable!()
                         };
+                        self.data_started = None;
                         self.end_of_data(dec).await;
+                        if self.inbuf.capacity() > 64 * 1024 && self.inbuf.len() < 4096 {
+                            self.inbuf.shrink_to(4096);
+                        }
                         continue;
                     }
                 }
@@ -180,7 +278,13 @@ impl Session {
                     "5.5.2",
                     "bare CR or LF in command (lines must end with CRLF)",
                 )),
-                Some(Frame::Line(line)) => self.command(line).await,
+                Some(Frame::Line(line)) => {
+                    if !self.slow.is_zero() {
+                        // This client probed for users: every further reply waits.
+                        tokio::time::sleep(self.slow).await;
+                    }
+                    self.command(line).await
+                }
             }
         }
     }
@@ -232,13 +336,31 @@ impl Session {
                 "5.5.1",
                 "no AUTH here: this is a relay for alias domains, not a submission server",
             )),
-            Request::StartTls => self.reply(Reply::new(502, "5.5.1", "STARTTLS not available")),
+            Request::StartTls => self.handle_starttls(),
             other => self.reply(Reply::new(
                 502,
                 "5.5.1",
                 format!("{} not implemented", other.name()),
             )),
         }
+    }
+
+    fn handle_starttls(&mut self) {
+        if self.ctx.tls.is_none() {
+            return self.reply(Reply::new(502, "5.5.1", "STARTTLS not available"));
+        }
+        if self.stream.is_tls() {
+            return self.reply(Reply::new(503, "5.5.1", "TLS already active"));
+        }
+        if self.tx.is_some() {
+            return self.reply(Reply::new(
+                503,
+                "5.5.1",
+                "STARTTLS not allowed inside a transaction",
+            ));
+        }
+        self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.starttls = true;
     }
 
     fn handle_helo(&mut self, host: String, esmtp: bool) {
@@ -255,7 +377,7 @@ impl Session {
             self.reply(Reply::new(250, "", name));
             return;
         }
-        let lines = vec![
+        let mut lines = vec![
             name.into(),
             "PIPELINING".into(),
             format!("SIZE {}", self.ctx.cfg.smtp.max_message_size).into(),
@@ -263,10 +385,15 @@ impl Session {
             "SMTPUTF8".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
+        if self.ctx.tls.is_some() && !self.stream.is_tls() {
+            lines.push("STARTTLS".into());
+        }
         self.reply(Reply::plain(250, lines));
     }
 
     pub(super) fn start_data(&mut self) {
+        self.data_started = Some(Instant::now());
+        self.data_bytes = 0;
         self.data = Vec::with_capacity(8 * 1024);
         self.mode = Mode::Data(DataDecoder::new(self.ctx.cfg.smtp.max_message_size));
     }

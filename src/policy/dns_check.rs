@@ -136,7 +136,10 @@ pub async fn check(
             ));
         }
         if found.is_empty() {
-            problems.push("no SPF record".into());
+            problems.push(format!(
+                "no SPF record at {d}; publish \"{}\"",
+                spf_suggestion(&ips)
+            ));
         } else {
             for ip in &ips {
                 let out = ma

@@ -8,6 +8,7 @@
 //! temperror is accepted and recorded unless `[auth] spf_temperror = "defer"`.
 
 pub mod dns_check;
+pub mod reputation;
 
 use crate::config::{Config, SpfFailAction, TempErrorAction};
 use crate::smtp::Reply;
@@ -60,6 +61,7 @@ pub struct MessageVerdict {
 pub struct Auth {
     cfg: Arc<Config>,
     ma: MessageAuthenticator,
+    resolver: crate::dns::Resolver,
     /// ARC sealer with the forwarder's key (`[dkim] arc = true`).
     arc: Option<ArcSealer<DkimKey, Done>>,
 }
@@ -98,7 +100,8 @@ impl Auth {
         };
         Ok(Auth {
             cfg,
-            ma: MessageAuthenticator(resolver),
+            ma: MessageAuthenticator(resolver.clone()),
+            resolver,
             arc,
         })
     }
@@ -127,6 +130,16 @@ impl Auth {
             helo: Some(helo_out),
             mail_from: Some(mf),
         }
+    }
+
+    /// Reputation of the client address and the sender's domain.
+    pub async fn reputation(&self, ip: IpAddr, sender: &str) -> Vec<reputation::Hit> {
+        let r = &self.cfg.reputation;
+        if r.ip_lists.is_empty() && r.domain_ratings.is_empty() {
+            return Vec::new();
+        }
+        let domain = sender.rsplit_once('@').map(|(_, d)| d);
+        reputation::check(r, &self.resolver, ip, domain).await
     }
 
     /// The reply to MAIL when the SPF policy refuses the sender, else None.
@@ -267,11 +280,22 @@ pub fn strip_forged_results(msg: &[u8], authserv_id: &str) -> Option<Vec<u8>> {
     let mut pos = 0;
     for (start, end, name, value) in fields_raw(headers) {
         if name.eq_ignore_ascii_case("authentication-results") {
-            let id = value
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
+            // RFC 8601 §2.2: `[CFWS] authserv-id`; skip leading comments.
+            let mut rest = value.trim_start();
+            while rest.starts_with('(') {
+                let mut depth = 0;
+                let end = rest.char_indices().find_map(|(i, c)| {
+                    depth += match c {
+                        '(' => 1,
+                        ')' => -1,
+                        _ => 0,
+                    };
+                    (depth == 0).then_some(i + 1)
+                });
+                rest = end.map_or("", |e| &rest[e..]).trim_start();
+            }
+            let id = rest
+                .split(|c: char| c == ';' || c == '(' || c.is_whitespace())
                 .next()
                 .unwrap_or("");
             if id.eq_ignore_ascii_case(authserv_id) {

@@ -12,6 +12,7 @@
 use crate::bounce::{Bounce, dsn::Action};
 use crate::config::Config;
 use crate::delivery::{Delivery, Job, Outcome};
+use crate::rate::Pacer;
 use crate::smtp::header::header_section;
 use crate::spool::{Envelope, MessageKind, Rcpt, RcptState, Spool, SpoolError};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -34,6 +35,7 @@ pub struct Counters {
     pub deferred: AtomicU64,
     pub failed: AtomicU64,
     pub attempts: AtomicU64,
+    pub paced: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -75,6 +77,7 @@ impl QueueHandle {
             "deferred": g(&c.deferred),
             "failed": g(&c.failed),
             "attempts": g(&c.attempts),
+            "paced": g(&c.paced),
         })
     }
 }
@@ -105,6 +108,55 @@ pub struct Worker {
     pub spool: Spool,
     pub delivery: Arc<Delivery>,
     pub bounce: Arc<Bounce>,
+    /// Outbound pacing per destination domain (`domain_rate_per_minute`).
+    pub domain_pacer: Option<Pacer>,
+    /// Outbound pacing per alias (`alias_rate_per_hour`): a mail-bombed alias waits.
+    pub alias_pacer: Option<Pacer>,
+}
+
+impl Worker {
+    pub fn new(
+        cfg: Arc<Config>,
+        spool: Spool,
+        delivery: Arc<Delivery>,
+        bounce: Arc<Bounce>,
+    ) -> Worker {
+        let l = &cfg.limits;
+        Worker {
+            domain_pacer: Pacer::new(
+                l.domain_rate_per_minute,
+                std::time::Duration::from_secs(60),
+                l.tracked_clients,
+            ),
+            alias_pacer: Pacer::new(
+                l.alias_rate_per_hour,
+                std::time::Duration::from_secs(3600),
+                l.tracked_clients,
+            ),
+            cfg,
+            spool,
+            delivery,
+            bounce,
+        }
+    }
+
+    /// Takes pacing slots for one outgoing transaction; Err(wait) when it must wait.
+    fn pace(
+        &self,
+        kind: MessageKind,
+        trace: &str,
+        domain: &str,
+    ) -> Result<(), std::time::Duration> {
+        if kind == MessageKind::Relay
+            && let Some(p) = &self.alias_pacer
+        {
+            p.take(trace)?;
+        }
+        if let Some(p) = &self.domain_pacer {
+            p.take(domain)?;
+        }
+        Ok(())
+    }
 }
 
 fn now_ms() -> i64 {
@@ -344,7 +396,12 @@ impl Worker {
         }
         let headers_ascii = header_section(&body).is_ascii();
         let mut set = tokio::task::JoinSet::new();
+        let mut paced: Vec<(Vec<usize>, std::time::Duration)> = Vec::new();
         for ((mail_from, trace, domain), idx) in groups {
+            if let Err(wait) = self.pace(env.kind, &trace, &domain) {
+                paced.push((idx, wait));
+                continue;
+            }
             let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].dest.clone()).collect();
             let needs_smtputf8 = !mail_from.is_ascii()
                 || rcpts.iter().any(|r| !r.is_ascii())
@@ -381,6 +438,16 @@ impl Worker {
             }
         }
 
+        // Over a pacing limit: wait in the queue, no attempt counted, nothing lost.
+        for (idx, wait) in paced {
+            let t = now_ms() + wait.as_millis() as i64 + 1;
+            for i in idx {
+                let r = &mut env.rcpts[i];
+                r.next_attempt = t;
+                tracing::debug!(queue_id = %env.id, to = %r.dest, wait_ms = wait.as_millis() as u64, "paced: waiting for the outbound rate limit");
+            }
+            handle.counters.paced.fetch_add(1, Ordering::Relaxed);
+        }
         let message_id = (env.kind == MessageKind::Relay)
             .then(|| {
                 crate::smtp::header::field_values(header_section(&body), "message-id")

@@ -1,0 +1,76 @@
+//! The inbound STARTTLS certificate: from `[tls] cert`/`key`, or a self-signed one
+//! generated once in `DATA_DIR/tls/` so opportunistic TLS works out of the box
+//! (senders do not verify MX certificates by default; encryption still beats none).
+
+use crate::config::Config;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+
+fn load(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read TLS certificate {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad TLS certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read TLS key {}: {e}", key.display()))?;
+    let cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS certificate and key do not fit: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Writes a self-signed certificate for the hostname unless one is there already.
+fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(), String> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if cert.exists() && key.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![hostname.to_string()]).map_err(|e| e.to_string())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, hostname);
+    let c = params.self_signed(&kp).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write = |p: &Path, data: &str, mode: u32| -> Result<(), String> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(p)
+            .map_err(|e| format!("writing {}: {e}", p.display()))?;
+        f.write_all(data.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("writing {}: {e}", p.display()))
+    };
+    write(&key, &kp.serialize_pem(), 0o600)?;
+    write(&cert, &c.pem(), 0o644)?;
+    tracing::info!(dir = %dir.display(), "generated a self-signed certificate for STARTTLS");
+    Ok(())
+}
+
+pub fn acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
+    if !cfg.tls.starttls {
+        return Ok(None);
+    }
+    let (cert, key) = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let dir = cfg.data_dir.join("tls");
+            ensure_self_signed(&dir, &cfg.hostname)?;
+            (dir.join("cert.pem"), dir.join("key.pem"))
+        }
+    };
+    load(&cert, &key).map(Some)
+}
