@@ -40,6 +40,8 @@ impl Session {
         }
         let max = self.ctx.cfg.smtp.max_message_size;
         if from.size > max {
+            self.ctx.counters.too_big.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %self.peer.ip(), size = from.size, max, "message refused: declared SIZE over the limit");
             return self.reply(Reply::new(
                 552,
                 "5.3.4",
@@ -111,6 +113,11 @@ impl Session {
         };
         let max = self.ctx.cfg.smtp.max_recipients;
         if tx.targets.len() >= max {
+            self.ctx
+                .counters
+                .too_many_recipients
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %self.peer.ip(), max, "too many recipients, refusing this one");
             return self.reply(Reply::new(
                 452,
                 "4.5.3",
@@ -188,7 +195,9 @@ impl Session {
                 written: m.to_string(),
             }),
             _ if self.ctx.cfg.smtp.unknown_recipient == UnknownRecipient::Accept => {
-                self.unknown_user();
+                // Only the next connection waits: slowing this session would tell a
+                // harvester which address does not exist, defeating `accept`.
+                self.ctx.limiter.unknown_user(self.peer.ip());
                 // Harvest resistance: the reply does not tell who exists.
                 self.ctx
                     .counters
