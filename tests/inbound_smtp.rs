@@ -126,15 +126,26 @@ async fn good_message(c: &mut RawSmtp, token: &str) -> String {
     }
 }
 
+/// The spooled messages: each `.msg` file after its `TENSO-SPOOL-1 <len>` header line
+/// and the committed envelope. (The header and the compact JSON envelope hold no bare
+/// CR or LF either; callers check the message part.)
 fn spool_bodies(t: &Tenso) -> Vec<(String, Vec<u8>)> {
     let dir = t.data_dir().join("queue");
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).expect("read queue dir") {
         let p = e.expect("dir entry").path();
         if p.extension().is_some_and(|x| x == "msg") {
+            let raw = std::fs::read(&p).expect("read .msg");
+            assert_eq!(bare_cr_or_lf(&raw), None, "bare CR/LF in spool file {p:?}");
+            let nl = raw.iter().position(|&b| b == b'\n').expect("header line");
+            let len: usize = String::from_utf8_lossy(&raw[..nl])
+                .trim()
+                .strip_prefix("TENSO-SPOOL-1 ")
+                .and_then(|l| l.parse().ok())
+                .expect("spool header");
             out.push((
                 p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).expect("read .msg"),
+                raw[nl + 1 + len..].to_vec(),
             ));
         }
     }

@@ -1,15 +1,19 @@
-//! The durable queue on disk: one immutable body file and one envelope file per message.
+//! The durable queue on disk: one file per message, plus an envelope file once its
+//! delivery state changes.
 //!
 //! The only code that touches spool files. Commit protocol (the promise behind every
-//! 250): the body is written to `ID.msg` and fsynced; the envelope is written to
-//! `ID.env.tmp`, fsynced and renamed to `ID.env` — that rename is the commit point —
-//! and the directory is fsynced. Directory fsyncs are group-committed by one thread:
-//! every commit that arrives while an fsync runs is covered by the next one, so under
-//! load one fsync serves many messages. Envelope updates use the same
-//! temp → fsync → rename → dir-fsync sequence. Removal unlinks the envelope first, so
-//! a crash can leave a body without envelope (deleted at start) but never lose state
-//! of a message still queued. All of this is blocking I/O and runs on tokio's blocking
-//! pool, never on an async worker.
+//! 250): the envelope and the message are written together to `ID.msg.tmp` (a short
+//! header line, the envelope as JSON, then the message), fsynced, and renamed to
+//! `ID.msg` — that rename is the commit point — and the directory is fsynced.
+//! Directory fsyncs are group-committed by one thread: every commit that arrives
+//! while an fsync runs is covered by the next one, so under load one fsync serves
+//! many messages, and a message costs one file, one data fsync and one unlink — the
+//! common case (delivered at the first attempt) never writes anything else.
+//! Later delivery state goes to `ID.env` by temp → fsync → rename → dir fsync; it
+//! supersedes the envelope inside `ID.msg`. Removal unlinks `ID.env` first, so a crash
+//! can at worst bring back the first envelope (a repeated delivery), never lose one.
+//! All of this is blocking I/O and runs on tokio's blocking pool, never on an async
+//! worker.
 
 mod envelope;
 
@@ -127,16 +131,20 @@ impl Spool {
             .map_err(io_err(&self.inner.dir))
     }
 
-    /// Writes body and envelope durably. When this returns Ok, the message survives a
-    /// crash or power loss; only then may the client get its 250.
+    /// Writes message and envelope durably. When this returns Ok, the message
+    /// survives a crash or power loss; only then may the client get its 250.
     pub async fn commit(&self, env: &Envelope, body: Arc<Vec<u8>>) -> Result<(), SpoolError> {
         let this = self.clone();
-        let env_bytes = env.to_bytes();
+        // Compact JSON has no line breaks, and the header line ends in CRLF: the file
+        // holds no bare LF, like the message after it.
+        let env_bytes = serde_json::to_vec(env).expect("envelope serializes");
         let id = env.id.clone();
         tokio::task::spawn_blocking(move || -> Result<(), SpoolError> {
-            let msg = this.path(&id, "msg");
-            write_synced(&msg, &body)?;
-            this.write_env_blocking(&id, &env_bytes)
+            let tmp = this.path(&id, "msg.tmp");
+            let fin = this.path(&id, "msg");
+            let head = format!("{MAGIC} {}\r\n", env_bytes.len());
+            write_synced(&tmp, &[head.as_bytes(), &env_bytes, &body])?;
+            fs::rename(&tmp, &fin).map_err(io_err(&fin))
         })
         .await
         .map_err(|_| SpoolError::Closed)??;
@@ -144,9 +152,12 @@ impl Spool {
     }
 
     fn write_env_blocking(&self, id: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+        if !self.path(id, "msg").exists() {
+            return Err(SpoolError::NotFound(id.to_string()));
+        }
         let tmp = self.path(id, "env.tmp");
         let fin = self.path(id, "env");
-        write_synced(&tmp, bytes)?;
+        write_synced(&tmp, &[bytes])?;
         fs::rename(&tmp, &fin).map_err(io_err(&fin))
     }
 
@@ -174,23 +185,41 @@ impl Spool {
     pub fn remove_blocking(&self, id: &str) -> Result<(), SpoolError> {
         let env = self.path(id, "env");
         match fs::remove_file(&env) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(SpoolError::NotFound(id.to_string()));
-            }
-            Err(e) => return Err(io_err(&env)(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&env)(e)),
+            _ => {}
         }
         let msg = self.path(id, "msg");
         match fs::remove_file(&msg) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&msg)(e)),
-            _ => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(SpoolError::NotFound(id.to_string()))
+            }
+            Err(e) => Err(io_err(&msg)(e)),
         }
+    }
+
+    /// Reads `ID.msg`: the embedded envelope bytes and the message.
+    fn read_msg_file(&self, id: &str) -> Result<(Vec<u8>, usize, usize), SpoolError> {
+        let p = self.path(id, "msg");
+        let bytes = fs::read(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                SpoolError::NotFound(id.to_string())
+            } else {
+                io_err(&p)(e)
+            }
+        })?;
+        let (env_start, body_start) = split_msg(&bytes).ok_or_else(|| SpoolError::Corrupt {
+            path: p.clone(),
+            message: "bad spool file header".into(),
+        })?;
+        Ok((bytes, env_start, body_start))
     }
 
     /// Reads a message body (blocking; call from a blocking context or CLI).
     pub fn read_body(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
-        let p = self.path(id, "msg");
-        fs::read(&p).map_err(io_err(&p))
+        let (mut bytes, _, body_start) = self.read_msg_file(id)?;
+        bytes.drain(..body_start);
+        Ok(bytes)
     }
 
     pub async fn read_body_async(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
@@ -201,16 +230,27 @@ impl Spool {
             .map_err(|_| SpoolError::Closed)?
     }
 
+    /// The current envelope: `ID.env` when delivery state was recorded, else the
+    /// one committed with the message.
     pub fn read_envelope(&self, id: &str) -> Result<Envelope, SpoolError> {
         let p = self.path(id, "env");
-        let bytes = fs::read(&p).map_err(|e| {
+        match fs::read(&p) {
+            Ok(bytes) => {
+                return Envelope::from_bytes(&bytes)
+                    .map_err(|message| SpoolError::Corrupt { path: p, message });
+            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
+            Err(_) => {}
+        }
+        let m = self.path(id, "msg");
+        let head = read_head(&m).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 SpoolError::NotFound(id.to_string())
             } else {
-                io_err(&p)(e)
+                io_err(&m)(e)
             }
         })?;
-        Envelope::from_bytes(&bytes).map_err(|message| SpoolError::Corrupt { path: p, message })
+        Envelope::from_bytes(&head).map_err(|message| SpoolError::Corrupt { path: m, message })
     }
 
     /// Writes an envelope synchronously (CLI direct mode, no daemon running).
@@ -228,7 +268,7 @@ impl Spool {
         for entry in fs::read_dir(&self.inner.dir).map_err(io_err(&self.inner.dir))? {
             let entry = entry.map_err(io_err(&self.inner.dir))?;
             let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".msg")) else {
                 continue;
             };
             if let Ok(env) = self.read_envelope(id) {
@@ -239,9 +279,9 @@ impl Spool {
         Ok(out)
     }
 
-    /// Start-up recovery: removes temp files and bodies without envelope (never
-    /// acknowledged), moves envelopes without body or unreadable envelopes to the
-    /// quarantine directory, and returns every committed message.
+    /// Start-up recovery: removes temp files (never acknowledged), moves unreadable
+    /// messages and envelopes without message to the quarantine directory, and
+    /// returns every committed message with its current envelope.
     pub fn recover(&self) -> Result<Recovered, SpoolError> {
         let dir = &self.inner.dir;
         let mut rec = Recovered::default();
@@ -257,26 +297,28 @@ impl Spool {
             if name.ends_with(".tmp") {
                 fs::remove_file(&path).map_err(io_err(&path))?;
                 rec.partial_removed += 1;
-            } else if let Some(id) = name.strip_suffix(".msg") {
-                if !names.contains(&format!("{id}.env")) {
-                    fs::remove_file(&path).map_err(io_err(&path))?;
-                    rec.partial_removed += 1;
+                continue;
+            }
+            let (id, why) = if let Some(id) = name.strip_suffix(".msg") {
+                match self.read_envelope(id) {
+                    Ok(env) if env.id == id => {
+                        rec.envelopes.push(env);
+                        continue;
+                    }
+                    Ok(_) => (id, "envelope of another message".to_string()),
+                    Err(e) => (id, e.to_string()),
                 }
             } else if let Some(id) = name.strip_suffix(".env") {
-                let has_body = names.contains(&format!("{id}.msg"));
-                match (has_body, self.read_envelope(id)) {
-                    (true, Ok(env)) => rec.envelopes.push(env),
-                    (_, res) => {
-                        let why = match res {
-                            Err(e) => e.to_string(),
-                            Ok(_) => "envelope without message body".into(),
-                        };
-                        tracing::error!(queue_id = id, reason = %why, "quarantining spool entry");
-                        self.quarantine(id)?;
-                        rec.quarantined += 1;
-                    }
+                if names.contains(&format!("{id}.msg")) {
+                    continue;
                 }
-            }
+                (id, "envelope without message".to_string())
+            } else {
+                continue;
+            };
+            tracing::error!(queue_id = id, reason = %why, "quarantining spool entry");
+            self.quarantine(id)?;
+            rec.quarantined += 1;
         }
         if rec.partial_removed + rec.quarantined > 0 {
             File::open(dir)
@@ -300,17 +342,72 @@ impl Spool {
     }
 }
 
-/// Creates `path`, writes `bytes`, fsyncs. The file did not exist before: ids are
-/// unique, and a stale temp file from a crash is truncated.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+/// First token of a spool file (`TENSO-SPOOL-1 <envelope length>\r\n`).
+const MAGIC: &str = "TENSO-SPOOL-1";
+
+/// Offsets of the envelope and of the message inside a spool file.
+fn split_msg(bytes: &[u8]) -> Option<(usize, usize)> {
+    let nl = bytes.iter().take(64).position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&bytes[..nl]).ok()?;
+    let len: usize = head
+        .trim_end_matches('\r')
+        .strip_prefix(MAGIC)?
+        .trim()
+        .parse()
+        .ok()?;
+    let env_start = nl + 1;
+    let body_start = env_start.checked_add(len)?;
+    (body_start <= bytes.len()).then_some((env_start, body_start))
+}
+
+/// Reads only the envelope of a spool file (listings must not read whole messages).
+fn read_head(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    loop {
+        let r = f.read(&mut buf[n..])?;
+        n += r;
+        if r == 0 || n == buf.len() {
+            break;
+        }
+    }
+    buf.truncate(n);
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "bad spool file header");
+    let nl = buf
+        .iter()
+        .take(64)
+        .position(|&b| b == b'\n')
+        .ok_or_else(bad)?;
+    let len: usize = std::str::from_utf8(&buf[..nl])
+        .ok()
+        .and_then(|h| h.trim_end_matches('\r').strip_prefix(MAGIC))
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(bad)?;
+    let need = nl + 1 + len;
+    if buf.len() < need {
+        let mut rest = vec![0u8; need - buf.len()];
+        f.read_exact(&mut rest)?;
+        buf.extend_from_slice(&rest);
+    }
+    Ok(buf[nl + 1..need].to_vec())
+}
+
+/// Creates `path`, writes the parts, fsyncs (data only: the rename and the
+/// directory fsync that follow make the name durable). The file did not exist before:
+/// ids are unique, and a stale temp file from a crash is truncated.
+fn write_synced(path: &Path, parts: &[&[u8]]) -> Result<(), SpoolError> {
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+    for p in parts {
+        f.write_all(p).map_err(io_err(path))?;
+    }
+    f.sync_data().map_err(io_err(path))
 }
 
 #[cfg(test)]
@@ -348,11 +445,10 @@ mod tests {
         s.commit(&env(&ok), Arc::new(b"x\r\n".to_vec()))
             .await
             .unwrap();
-        fs::write(q.join("AAA.msg"), b"partial").unwrap();
+        fs::write(q.join("AAA.msg.tmp"), b"partial").unwrap();
         fs::write(q.join("BBB.env.tmp"), b"{").unwrap();
         fs::write(q.join("CCC.env"), env("CCC").to_bytes()).unwrap();
-        fs::write(q.join("DDD.env"), b"garbage").unwrap();
-        fs::write(q.join("DDD.msg"), b"x").unwrap();
+        fs::write(q.join("DDD.msg"), b"garbage").unwrap();
         let rec = s.recover().unwrap();
         assert_eq!(rec.envelopes.len(), 1);
         assert_eq!(rec.envelopes[0].id, ok);
@@ -362,8 +458,26 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left.len(), 1, "{left:?}");
         assert!(d.path().join("quar/CCC.env").exists());
+        assert!(d.path().join("quar/DDD.msg").exists());
+    }
+
+    #[tokio::test]
+    async fn later_state_supersedes_the_committed_envelope() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Spool::open(&d.path().join("q"), &d.path().join("quar")).unwrap();
+        let id = s.new_id();
+        let mut e = env(&id);
+        s.commit(&e, Arc::new(b"body\r\n".to_vec())).await.unwrap();
+        assert!(!s.read_envelope(&id).unwrap().rcpts[0].reported);
+        e.rcpts[0].attempts = 3;
+        s.update(&e).await.unwrap();
+        assert_eq!(s.recover().unwrap().envelopes[0].rcpts[0].attempts, 3);
+        assert_eq!(s.read_body(&id).unwrap(), b"body\r\n");
+        s.remove(&id).await.unwrap();
+        assert!(matches!(s.update(&e).await, Err(SpoolError::NotFound(_))));
+        assert!(s.recover().unwrap().envelopes.is_empty());
     }
 
     #[test]
