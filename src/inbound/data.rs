@@ -38,6 +38,9 @@ impl Session {
                 .counters
                 .refused_data
                 .fetch_add(1, Ordering::Relaxed);
+            if matches!(err, DataError::TooBig) {
+                self.ctx.counters.too_big.fetch_add(1, Ordering::Relaxed);
+            }
             let reply = match err {
                 DataError::TooBig => Reply::new(
                     552,

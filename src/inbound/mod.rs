@@ -47,6 +47,9 @@ pub struct Counters {
     pub penalized: AtomicU64,
     pub too_many_errors: AtomicU64,
     pub too_many_messages: AtomicU64,
+    pub too_many_recipients: AtomicU64,
+    /// Messages over `max_message_size` (declared at MAIL SIZE= or found in DATA).
+    pub too_big: AtomicU64,
     pub too_slow: AtomicU64,
     pub starttls_injection: AtomicU64,
     pub reputation_rejected: AtomicU64,
@@ -72,6 +75,8 @@ impl Counters {
             "penalized": g(&self.penalized),
             "too_many_errors": g(&self.too_many_errors),
             "too_many_messages": g(&self.too_many_messages),
+            "too_many_recipients": g(&self.too_many_recipients),
+            "too_big": g(&self.too_big),
             "too_slow": g(&self.too_slow),
             "starttls_injection": g(&self.starttls_injection),
             "reputation_rejected": g(&self.reputation_rejected),

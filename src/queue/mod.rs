@@ -152,8 +152,16 @@ impl Worker {
         {
             p.take(trace)?;
         }
-        if let Some(p) = &self.domain_pacer {
-            p.take(domain)?;
+        if let Some(p) = &self.domain_pacer
+            && let Err(wait) = p.take(domain)
+        {
+            // Not forwarded now: it must not use up the alias's allowance.
+            if kind == MessageKind::Relay
+                && let Some(a) = &self.alias_pacer
+            {
+                a.refund(trace);
+            }
+            return Err(wait);
         }
         Ok(())
     }

@@ -70,11 +70,14 @@ impl<K: Eq + Hash + Copy, V> Bounded<K, V> {
     }
 }
 
-/// A token bucket refilled continuously.
+/// A token bucket refilled continuously. Refused takers are counted as waiting, so
+/// each gets its own later slot instead of all coming back at the same instant.
 #[derive(Debug, Clone, Copy)]
 pub struct Bucket {
     tokens: f64,
     at: Instant,
+    /// Takers refused and told to come back; each success pays one off.
+    waiting: f64,
 }
 
 impl Bucket {
@@ -82,19 +85,28 @@ impl Bucket {
         Bucket {
             tokens: cap,
             at: now,
+            waiting: 0.0,
         }
     }
 
-    /// Takes one token; Err(wait) says when one will be there.
+    /// Takes one token; Err(wait) says when this taker's slot comes.
     fn take(&mut self, cap: f64, per_sec: f64, now: Instant) -> Result<(), Duration> {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + dt * per_sec).min(cap);
         self.at = now;
+        if self.tokens >= cap {
+            // Full again: whoever was told to wait has come and gone.
+            self.waiting = 0.0;
+        }
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
+            self.waiting = (self.waiting - 1.0).max(0.0);
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / per_sec))
+            self.waiting += 1.0;
+            Err(Duration::from_secs_f64(
+                (self.waiting - self.tokens) / per_sec,
+            ))
         }
     }
 }
@@ -261,6 +273,14 @@ impl Pacer {
         b.entry(hash_key(key), now, || Bucket::full(cap, now))
             .take(cap, self.per_sec, now)
     }
+
+    /// Gives back the slot `take` just took for `key` (the message did not go after all).
+    pub fn refund(&self, key: &str) {
+        let mut b = self.buckets.lock().expect("pacer lock");
+        if let Some((bucket, _)) = b.map.get_mut(&hash_key(key)) {
+            bucket.tokens = (bucket.tokens + 1.0).min(self.cap);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +358,12 @@ mod tests {
         }
         let wait = p.take("d.test").unwrap_err();
         assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        // The next refused taker is sent to a later slot, not the same instant.
+        let later = p.take("d.test").unwrap_err();
+        assert!(
+            later >= wait + Duration::from_millis(900),
+            "{wait:?} {later:?}"
+        );
         assert!(p.take("other.test").is_ok());
     }
 }
