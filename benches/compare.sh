@@ -31,6 +31,8 @@ BIN=$ROOT/target/release/tenso
 echo "== Postfix + postsrsd instance, smtp-sink"
 "$PF/setup.sh" > "$LOG_DIR.setup.log" 2>&1 || { tail -20 "$LOG_DIR.setup.log"; exit 1; }
 "$PF/start.sh"
+# Mail left in Postfix's queue by an interrupted earlier run would count as this run's.
+postsuper -c "$PF_CONF" -d ALL >/dev/null 2>&1 || true
 
 echo "== tenso on 127.0.0.1:$TENSO_PORT"
 stop_tenso() { [ -s "$TDIR/pid" ] && kill "$(cat "$TDIR/pid")" 2>/dev/null; sleep 0.5; rm -f "$TDIR/pid"; }

@@ -106,7 +106,7 @@ impl Bounce {
                 t.policy
             };
             match self
-                .dispatch(&t.alias, policy, copy, MessageKind::ForwardedBounce, None)
+                .dispatch(&t.alias, policy, copy, MessageKind::ForwardedBounce)
                 .await?
             {
                 Some(q) => out.queued.push(q),

@@ -128,7 +128,6 @@ impl Bounce {
         policy: BouncePolicy,
         msg: Vec<u8>,
         kind: MessageKind,
-        env_id_note: Option<String>,
     ) -> Result<Option<Queued>, String> {
         let dests = match policy {
             BouncePolicy::Pool => None,
@@ -158,14 +157,7 @@ impl Bounce {
             return Ok(None);
         };
         let q = self
-            .queue_to(
-                alias,
-                policy,
-                &dests,
-                msg,
-                kind,
-                env_id_note.into_iter().collect(),
-            )
+            .queue_to(alias, policy, &dests, msg, kind, Vec::new())
             .await?;
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         tracing::info!(queue_id = %q.0.id, alias, dests = dests.len(), "bounce queued for forwarding with MAIL FROM:<> (policy 2b)");
@@ -468,10 +460,7 @@ impl Bounce {
             let msg = dsn::build_dsn(&report);
             self.counters.dsn_generated.fetch_add(1, Ordering::Relaxed);
             tracing::info!(queue_id = %env.id, alias = %alias, recipients = group.len(), ?action, %policy, "DSN generated");
-            if let Some(q) = self
-                .dispatch(&alias, policy, msg, MessageKind::Dsn, None)
-                .await?
-            {
+            if let Some(q) = self.dispatch(&alias, policy, msg, MessageKind::Dsn).await? {
                 out.push(q);
             }
         }

@@ -22,6 +22,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 type Reply = oneshot::Sender<Result<(), String>>;
 
+/// Message bodies kept in memory between acceptance and the first attempt. Beyond
+/// this, queued messages are read back from the spool, so a backlog costs disk reads,
+/// not memory.
+const BODY_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 pub enum Cmd {
     Enqueue(Envelope, Option<Arc<Vec<u8>>>),
     Flush(Option<String>),
@@ -203,6 +208,8 @@ async fn run(
     let mut timers: BTreeSet<(i64, String)> = BTreeSet::new();
     let permits = Arc::new(Semaphore::new(worker.cfg.delivery.max_concurrency.max(1)));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<Envelope>)>();
+    // Bytes of message bodies held in `entries` (see BODY_CACHE_BYTES).
+    let mut cached: usize = 0;
 
     let schedule =
         |entries: &mut HashMap<String, Entry>, timers: &mut BTreeSet<(i64, String)>, id: &str| {
@@ -248,6 +255,7 @@ async fn run(
             e.due = None;
             let env = e.env.clone();
             let body = e.body.take();
+            cached -= body.as_ref().map_or(0, |b| b.len());
             let worker = worker.clone();
             let handle = handle.clone();
             let done = done_tx.clone();
@@ -270,6 +278,10 @@ async fn run(
                 match cmd {
                     Cmd::Enqueue(env, body) => {
                         let id = env.id.clone();
+                        // Keep fresh bodies in memory for the first attempt, up to a
+                        // bound: a backlog is read back from the spool instead.
+                        let body = body.filter(|b| cached + b.len() <= BODY_CACHE_BYTES);
+                        cached += body.as_ref().map_or(0, |b| b.len());
                         entries.insert(id.clone(), Entry { env, body, running: false, due: None, flush: false });
                         schedule(&mut entries, &mut timers, &id);
                     }
@@ -311,8 +323,10 @@ async fn run(
                             Some(e) if e.running => Err(format!("{id} is being delivered right now; try again")),
                             Some(_) => worker.spool.remove(&id).await.map_err(|e| e.to_string()),
                         };
-                        if res.is_ok() {
-                            entries.remove(&id);
+                        if res.is_ok()
+                            && let Some(e) = entries.remove(&id)
+                        {
+                            cached -= e.body.map_or(0, |b| b.len());
                             tracing::info!(queue_id = %id, "removed by admin");
                         }
                         let _ = reply.send(res);
