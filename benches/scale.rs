@@ -132,13 +132,15 @@ fn aliases() {
     );
 
     // The RCPT path: Table::resolve on the same store, in this process.
-    let table = Table::open(
-        &dir.path().join("data/table"),
-        64 * 1024 * 1024,
-        Some('+'),
-        8,
-    )
-    .unwrap();
+    // The daemon's default cache size ([table] cache_bytes), or TENSO_BENCH_CACHE_MB.
+    let cache = std::env::var("TENSO_BENCH_CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(tenso::config::Config::default().table.cache_bytes, |mb| {
+            mb << 20
+        });
+    println!("sled cache for the lookups: {} MiB", cache >> 20);
+    let table = Table::open(&dir.path().join("data/table"), cache, Some('+'), 8).unwrap();
     let mut rng_state = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
         rng_state ^= rng_state << 13;
@@ -157,22 +159,47 @@ fn aliases() {
             Mailbox::parse(&addr).unwrap()
         })
         .collect();
-    let mut lat = Vec::with_capacity(probes.len());
-    let mut hits = 0;
-    for m in &probes {
-        let t = Instant::now();
-        let local = table.is_local_domain(&m.domain).unwrap();
-        let r = table.resolve(m).unwrap();
-        lat.push(t.elapsed());
-        hits += usize::from(local && r.is_some());
+    // Baseline in the same run: the same probes against an in-memory HashMap of the
+    // same keys. Its tail is this machine's noise floor (preemption, page faults).
+    {
+        let keys: std::collections::HashSet<String> = (0..n)
+            .map(|i| format!("user{i}@alias{}.test", i % 100))
+            .collect();
+        let mut lat = Vec::with_capacity(probes.len());
+        let mut hits = 0;
+        for m in &probes {
+            let t = Instant::now();
+            let k = format!("{}@{}", m.local.to_lowercase(), m.domain.to_lowercase());
+            hits += usize::from(keys.contains(&k));
+            lat.push(t.elapsed());
+        }
+        println!(
+            "baseline HashMap lookups, {} probes, {hits} hits: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+            lat.len(),
+            pct(&mut lat, 0.50).as_secs_f64() * 1e6,
+            pct(&mut lat, 0.99).as_secs_f64() * 1e6,
+            pct(&mut lat, 1.0).as_secs_f64() * 1e6,
+        );
     }
-    println!(
-        "RCPT lookups (is_local_domain + resolve) over {} probes, {hits} hits: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
-        lat.len(),
-        pct(&mut lat, 0.50).as_secs_f64() * 1e6,
-        pct(&mut lat, 0.99).as_secs_f64() * 1e6,
-        pct(&mut lat, 1.0).as_secs_f64() * 1e6,
-    );
+    // First pass: a freshly opened store (pages loaded on first touch); second pass:
+    // the same probes again, as a running daemon sees them once warm.
+    for pass in ["cold", "warm"] {
+        let mut lat = Vec::with_capacity(probes.len());
+        let mut hits = 0;
+        for m in &probes {
+            let t = Instant::now();
+            let r = table.lookup_rcpt(m).unwrap();
+            lat.push(t.elapsed());
+            hits += usize::from(matches!(r, tenso::table::RcptLookup::Found(_)));
+        }
+        println!(
+            "RCPT lookups (Table::lookup_rcpt), {pass}, {} probes, {hits} hits: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+            lat.len(),
+            pct(&mut lat, 0.50).as_secs_f64() * 1e6,
+            pct(&mut lat, 0.99).as_secs_f64() * 1e6,
+            pct(&mut lat, 1.0).as_secs_f64() * 1e6,
+        );
+    }
     drop(table);
 
     let d = Daemon::start(&cfg, &dir.path().join("data"));
@@ -278,7 +305,9 @@ fn socket2_connect(src: std::net::IpAddr, dst: SocketAddr) -> std::net::TcpStrea
     rt.block_on(async {
         let s = tokio::net::TcpSocket::new_v4().unwrap();
         s.bind(SocketAddr::new(src, 0)).unwrap();
-        s.connect(dst).await.unwrap().into_std().unwrap()
+        let std = s.connect(dst).await.unwrap().into_std().unwrap();
+        std.set_nonblocking(false).unwrap();
+        std
     })
 }
 

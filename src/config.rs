@@ -530,7 +530,7 @@ impl Default for QueueConfig {
 impl Default for TableConfig {
     fn default() -> Self {
         TableConfig {
-            cache_bytes: 64 * 1024 * 1024,
+            cache_bytes: 128 * 1024 * 1024,
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::config::{ListAction, UnknownRecipient};
 use crate::forward::Target;
 use crate::smtp::Reply;
 use crate::smtp::address::{AddressError, Path, extract_path, parse_path};
+use crate::table::RcptLookup;
 use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo};
 use std::sync::atomic::Ordering;
 
@@ -163,19 +164,10 @@ impl Session {
         if m.local.contains('@') {
             return relay_denied("quoted local part holding @");
         }
-        let table = &self.ctx.table;
-        let local = match table.is_local_domain(&m.domain) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "table lookup failed");
-                return Reply::new(451, "4.3.0", "temporary lookup failure, try again later");
-            }
-        };
-        if !local {
-            return relay_denied("not a local domain");
-        }
-        let found = match table.resolve(&m) {
-            Ok(f) => f,
+        let found = match self.ctx.table.lookup_rcpt(&m) {
+            Ok(RcptLookup::Found(f)) => Some(f),
+            Ok(RcptLookup::UnknownLocal) => None,
+            Ok(RcptLookup::NotLocal) => return relay_denied("not a local domain"),
             Err(e) => {
                 tracing::error!(error = %e, "table lookup failed");
                 return Reply::new(451, "4.3.0", "temporary lookup failure, try again later");

@@ -13,8 +13,9 @@ pub mod import;
 use crate::config::BouncePolicy;
 use crate::smtp::address::Mailbox;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -58,6 +59,16 @@ pub enum MatchKind {
     Exact,
     Subaddress,
     CatchAll,
+}
+
+/// The answer to a RCPT lookup.
+#[derive(Debug, Clone)]
+pub enum RcptLookup {
+    Found(Found),
+    /// A local domain, but no alias, subaddress or catch-all matches.
+    UnknownLocal,
+    /// Not one of our domains: relaying is denied.
+    NotLocal,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +162,18 @@ pub struct Table {
     domains: sled::Tree,
     separator: Option<char>,
     max_depth: usize,
+    /// Local domains → "has a catch-all", kept in memory: every RCPT asks, the set is
+    /// small, and it changes only through this Table (sled's lock keeps other
+    /// processes out). Dropped on every change and rebuilt on the next read.
+    local: Arc<RwLock<DomainCache>>,
+}
+
+/// The in-memory set of local domains; `generation` counts changes, so a rebuild
+/// that raced with a change is not kept.
+#[derive(Default)]
+struct DomainCache {
+    generation: u64,
+    domains: Option<Arc<HashMap<String, bool>>>,
 }
 
 /// The outcome of an import, for the admin.
@@ -189,6 +212,7 @@ impl Table {
             db,
             separator,
             max_depth,
+            local: Arc::new(RwLock::new(DomainCache::default())),
         })
     }
 
@@ -223,7 +247,9 @@ impl Table {
         }
     }
 
+    /// Makes a change durable (and visible to the in-memory domain set).
     pub fn flush(&self) -> Result<(), TableError> {
+        self.changed();
         self.db.flush()?;
         Ok(())
     }
@@ -235,18 +261,38 @@ impl Table {
         })
     }
 
+    /// Local domains with their catch-all flag, from memory (rebuilt after changes).
+    fn local_domains(&self) -> Result<Arc<HashMap<String, bool>>, TableError> {
+        let generation = {
+            let c = self.local.read().expect("domain cache lock");
+            if let Some(m) = &c.domains {
+                return Ok(m.clone());
+            }
+            c.generation
+        };
+        let mut m = HashMap::new();
+        for d in self.domains()? {
+            let catch_all = self.aliases.contains_key(key(&d, ""))?;
+            m.insert(d, catch_all);
+        }
+        let m = Arc::new(m);
+        let mut c = self.local.write().expect("domain cache lock");
+        if c.generation == generation {
+            c.domains = Some(m.clone());
+        }
+        Ok(m)
+    }
+
+    /// Forgets the in-memory domain set after a change.
+    fn changed(&self) {
+        let mut c = self.local.write().expect("domain cache lock");
+        c.generation += 1;
+        c.domains = None;
+    }
+
     /// Is `domain` (any case) one of ours?
     pub fn is_local_domain(&self, domain: &str) -> Result<bool, TableError> {
-        let d = domain.to_lowercase();
-        if self.domains.contains_key(d.as_bytes())? {
-            return Ok(true);
-        }
-        Ok(self
-            .aliases
-            .scan_prefix(key(&d, ""))
-            .next()
-            .transpose()?
-            .is_some())
+        Ok(self.local_domains()?.contains_key(&domain.to_lowercase()))
     }
 
     /// Finds the entry a recipient maps to: exact, then without the subaddress, then
@@ -272,7 +318,8 @@ impl Table {
                 entry,
             }));
         }
-        if let Some(entry) = self.get_raw(&domain, "")? {
+        let has_catch_all = self.local_domains()?.get(&domain).copied().unwrap_or(false);
+        if has_catch_all && let Some(entry) = self.get_raw(&domain, "")? {
             return Ok(Some(Found {
                 alias: format!("@{domain}"),
                 kind: MatchKind::CatchAll,
@@ -280,6 +327,20 @@ impl Table {
             }));
         }
         Ok(None)
+    }
+
+    /// What RCPT needs in one call: the matching entry, or whether the domain is
+    /// ours at all. A match proves the domain is local, so the common case (a known
+    /// alias) costs one read.
+    pub fn lookup_rcpt(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
+        if let Some(f) = self.resolve(rcpt)? {
+            return Ok(RcptLookup::Found(f));
+        }
+        Ok(if self.is_local_domain(&rcpt.domain)? {
+            RcptLookup::UnknownLocal
+        } else {
+            RcptLookup::NotLocal
+        })
     }
 
     pub fn get(&self, alias: &str) -> Result<AliasEntry, TableError> {
