@@ -670,7 +670,7 @@ mod tests {
     #[test]
     fn durations_and_keys() {
         let c = Config::from_toml(
-            "hostname = \"mx.example\"\n[smtp]\nlisten = [\"127.0.0.1:25\"]\ncommand_timeout = \"30s\"\n[queue]\nretry = [\"1s\", \"2m\"]\nmax_lifetime = \"5d\"\n[dns]\nnameservers = [\"127.0.0.1:5353\"]\n",
+            "hostname = \"mx.example\"\n[smtp]\nlisten = [\"127.0.0.1:2525\"]\ncommand_timeout = \"30s\"\n[queue]\nretry = [\"1s\", \"2m\"]\nmax_lifetime = \"5d\"\n[dns]\nnameservers = [\"127.0.0.1:5353\"]\n",
         )
         .unwrap();
         assert_eq!(c.smtp.command_timeout, Duration::from_secs(30));

@@ -101,7 +101,11 @@ async fn serve_one(server: &Server, sock: UnixStream) -> std::io::Result<()> {
                 pool: &server.pool,
                 status: Some((server.status)()),
             };
-            let resp = super::execute(&ctx, env.req).await;
+            // Table changes fsync (sled flush) before they are acknowledged: run the
+            // request off the async workers so sessions are never stalled by it.
+            let resp = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(super::execute(&ctx, env.req))
+            });
             tracing::info!(
                 command = %cmd.chars().take(80).collect::<String>(),
                 ok = resp.ok,
