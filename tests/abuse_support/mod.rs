@@ -73,14 +73,7 @@ impl Conf {
 }
 
 pub async fn cli_ok(t: &Tenso, args: &[&str]) -> String {
-    let o = t.cli_async(args).await;
-    assert!(
-        o.status.success(),
-        "tenso {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        t.log()
-    );
-    String::from_utf8(o.stdout).expect("utf-8 output")
+    t.cli_ok(args).await
 }
 
 /// Starts a daemon for `conf` with `alice@alias.test` and `bob@alias.test`
@@ -99,10 +92,7 @@ pub async fn relay(conf: &Conf, dns: &TestDns) -> Tenso {
 
 /// `tenso status --json` → `counters`.
 pub async fn counters(t: &Tenso) -> Value {
-    let out = cli_ok(t, &["status", "--json"]).await;
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status: {e}: {out}"));
-    assert!(v["counters"].is_object(), "no counters in status: {v}");
-    v["counters"].clone()
+    t.counters().await
 }
 
 /// One counter, e.g. `counter(&t, "inbound", "busy")`; panics when it is missing.

@@ -96,16 +96,7 @@ pub fn routes(dest: &TestSink, senders: &TestSink) -> Vec<(&'static str, u16)> {
 /// Runs `tenso <args>` (without blocking the runtime that serves the test DNS) and
 /// panics with the log unless it succeeds; returns stdout.
 pub async fn cli_ok(t: &Tenso, args: &[&str]) -> String {
-    let out = t.cli_async(args).await;
-    assert!(
-        out.status.success(),
-        "tenso {args:?} failed ({}): stdout={} stderr={}\nlog:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        t.log()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    t.cli_ok(args).await
 }
 
 /// One SMTP transaction from `ip` (127.0.0.x) with `EHLO helo`; the reply to the end of
@@ -252,27 +243,12 @@ pub async fn queue_ids(t: &Tenso) -> Vec<String> {
 /// Waits (bounded) until tenso's queue is empty: every copy and DSN has been handed to
 /// a sink (or failed for good). Panics with the log after [`WAIT`].
 pub async fn wait_queue_empty(t: &Tenso) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let ids = queue_ids(t).await;
-        if ids.is_empty() {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "queue still holds {ids:?} after {WAIT:?}\nlog:\n{}",
-                t.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    t.wait_queue_empty(WAIT).await
 }
 
 /// The daemon's counters (`tenso status --json` → `counters`).
 pub async fn counters(t: &Tenso) -> Value {
-    let out = cli_ok(t, &["status", "--json"]).await;
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status: {e}: {out}"));
-    v["counters"].clone()
+    t.counters().await
 }
 
 /// The messages in the alias's pool `new/` directory, file name order.

@@ -42,22 +42,12 @@ pub fn config(dns: &TestDns, sink_port: u16, extra: &str) -> String {
 
 /// Runs `tenso <args>` against the daemon; panics (with the log) unless it succeeds.
 pub async fn cli_ok(t: &Tenso, args: &[&str]) -> String {
-    let out = t.cli_async(args).await;
-    assert!(
-        out.status.success(),
-        "tenso {args:?} failed ({}): stdout={} stderr={}\nlog:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        t.log()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    t.cli_ok(args).await
 }
 
 /// `tenso <args>` whose output is JSON, parsed.
 pub async fn cli_json(t: &Tenso, args: &[&str]) -> Value {
-    let out = cli_ok(t, args).await;
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("tenso {args:?}: not JSON ({e}): {out}"))
+    t.cli_json(args).await
 }
 
 /// `tenso user add ALIAS DEST... --bounce POLICY`.
@@ -75,12 +65,7 @@ pub async fn user_show(t: &Tenso, alias: &str) -> Value {
 
 /// The counters of `tenso status` (`{"inbound":…, "queue":…, "bounce":…, "pool":…}`).
 pub async fn counters(t: &Tenso) -> Value {
-    let v = cli_json(t, &["status", "--json"]).await;
-    assert!(
-        v["counters"].is_object(),
-        "tenso status has no counters (is the daemon running?): {v}"
-    );
-    v["counters"].clone()
+    t.counters().await
 }
 
 /// One counter, e.g. `counter(&c, "bounce", "lost_by_design")`; panics if missing.
@@ -110,29 +95,12 @@ pub async fn wait_counter(t: &Tenso, section: &str, name: &str, min: u64) -> Val
 
 /// `tenso queue list --json`.
 pub async fn queue_list(t: &Tenso) -> Vec<Value> {
-    let v = cli_json(t, &["queue", "list", "--json"]).await;
-    v.as_array()
-        .unwrap_or_else(|| panic!("queue list --json is not an array: {v}"))
-        .clone()
+    t.queue_list().await
 }
 
 /// Waits until the queue is empty; panics after `WAIT`.
 pub async fn wait_queue_empty(t: &Tenso) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let list = queue_list(t).await;
-        if list.is_empty() {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "waited {WAIT:?} for an empty queue; queue: {}\nlog:\n{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default(),
-                t.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    t.wait_queue_empty(WAIT).await
 }
 
 /// Sends one message through tenso; panics unless it is accepted. Returns the 250 text.

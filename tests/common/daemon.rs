@@ -370,6 +370,65 @@ impl Tenso {
             .unwrap_or_else(|e| panic!("run tenso {args:?}: {e}"))
     }
 
+    /// `tenso <args>`'s stdout; panics with stdout, stderr and the daemon log when the
+    /// command fails.
+    pub async fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli_async(args).await;
+        assert!(
+            out.status.success(),
+            "tenso {args:?} failed ({}): stdout={} stderr={}\nlog:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// [`Tenso::cli_ok`] parsed as JSON (for `--json` commands).
+    pub async fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli_ok(args).await;
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("tenso {args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// The counters of `tenso status --json` (inbound, queue, bounce, pool).
+    pub async fn counters(&self) -> serde_json::Value {
+        let v = self.cli_json(&["status", "--json"]).await;
+        assert!(
+            v["counters"].is_object(),
+            "tenso status has no counters (is the daemon running?): {v}"
+        );
+        v["counters"].clone()
+    }
+
+    /// `tenso queue list --json`.
+    pub async fn queue_list(&self) -> Vec<serde_json::Value> {
+        let v = self.cli_json(&["queue", "list", "--json"]).await;
+        v.as_array()
+            .unwrap_or_else(|| panic!("queue list --json is not an array: {v}"))
+            .clone()
+    }
+
+    /// Waits until the queue is empty; panics after `timeout` with the queue and log.
+    pub async fn wait_queue_empty(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let list = self.queue_list().await;
+            if list.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "waited {timeout:?} for an empty queue; queue: {}\nlog:\n{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Everything the daemon wrote so far: stdout then stderr, across restarts.
     pub fn log(&self) -> String {
         let read = |n: &str| std::fs::read_to_string(self.tmp.path().join(n)).unwrap_or_default();

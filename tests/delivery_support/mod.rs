@@ -33,16 +33,7 @@ pub const FAST_QUEUE: &str = "retry = [\"1s\"]\ndead_host_ttl = \"1s\"\nmax_life
 /// Runs `tenso <args>` against the running daemon and panics (with the log) unless it
 /// succeeds; returns stdout.
 pub async fn cli_ok(t: &Tenso, args: &[&str]) -> String {
-    let out = t.cli_async(args).await;
-    assert!(
-        out.status.success(),
-        "tenso {args:?} failed ({}): stdout={} stderr={}\nlog:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        t.log()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    t.cli_ok(args).await
 }
 
 /// `tenso user add ALIAS DEST... --bounce POLICY` through the daemon.
@@ -200,12 +191,7 @@ pub async fn wait_pool(t: &Tenso, alias: &str, n: usize) -> Vec<Vec<u8>> {
 
 /// `tenso queue list --json`, parsed.
 pub async fn queue_list(t: &Tenso) -> Vec<serde_json::Value> {
-    let out = cli_ok(t, &["queue", "list", "--json"]).await;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("queue list --json: {e}: {out}"));
-    v.as_array()
-        .unwrap_or_else(|| panic!("queue list --json is not an array: {out}"))
-        .clone()
+    t.queue_list().await
 }
 
 /// `tenso queue show ID --json`, parsed.
@@ -256,21 +242,7 @@ pub async fn wait_attempted(t: &Tenso, ids: &[String]) -> Vec<serde_json::Value>
 
 /// Waits until the queue is empty; panics after `WAIT`.
 pub async fn wait_queue_empty(t: &Tenso) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let list = queue_list(t).await;
-        if list.is_empty() {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "waited {WAIT:?} for an empty queue; queue: {}\nlog:\n{}",
-                serde_json::to_string_pretty(&list).unwrap_or_default(),
-                t.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    t.wait_queue_empty(WAIT).await
 }
 
 /// One DSN taken apart: the top-level headers and the delivery-status groups.
