@@ -26,6 +26,21 @@ const ALLOWED: &[(&str, &str, &str)] = &[
         "forward",
         "bounces under 2b follow alias chains exactly as mail does",
     ),
+    (
+        "control",
+        "queue",
+        "services talk through *Handle: admin queue commands",
+    ),
+    (
+        "config",
+        "smtp",
+        "validation parses the addresses and host:port values it holds",
+    ),
+    (
+        "cli",
+        "daemon",
+        "`tenso serve` runs the daemon; direct mode opens the stores its way",
+    ),
 ];
 
 #[test]
