@@ -15,10 +15,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+use common::closed_port;
 
 /// DNS goes to the kit's server (no records), never to the machine's resolver.
 fn config(dns: &TestDns) -> String {

@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 
 const FROM: &str = "sender@origin.test";
 
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+use common::closed_port;
 
 /// Delivery goes to a closed port with a one-hour retry: accepted mail stays queued.
 /// DNS goes to the kit's server (no records), never to the machine's resolver.
@@ -32,14 +29,7 @@ fn config(dns: &TestDns) -> String {
 }
 
 async fn cli_ok(t: &Tenso, args: &[&str]) -> String {
-    let o = t.cli_async(args).await;
-    assert!(
-        o.status.success(),
-        "tenso {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        t.log()
-    );
-    String::from_utf8(o.stdout).expect("utf-8 output")
+    t.cli_ok(args).await
 }
 
 async fn prepared() -> (Tenso, TestDns) {
@@ -61,11 +51,7 @@ async fn prepared() -> (Tenso, TestDns) {
 }
 
 async fn queue(t: &Tenso) -> Vec<Value> {
-    let out = cli_ok(t, &["queue", "list", "--json"]).await;
-    match serde_json::from_str(&out) {
-        Ok(Value::Array(v)) => v,
-        other => panic!("queue list --json is not an array: {other:?}\n{out}"),
-    }
+    t.queue_list().await
 }
 
 fn field_list(m: &Value, field: &str) -> Vec<String> {

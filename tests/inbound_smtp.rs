@@ -16,11 +16,7 @@ use std::time::Duration;
 
 const FROM: &str = "s@origin.test";
 
-/// A port on 127.0.0.1 where nothing listens (bound, then released).
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+use common::closed_port;
 
 /// Config shared by these tests; `top` holds extra top-level keys. DNS goes to the
 /// kit's server (no records): nothing depends on the machine's resolver. These tests
@@ -40,14 +36,7 @@ fn config(top: &str, dns: &TestDns) -> String {
 }
 
 async fn cli_ok(t: &Tenso, args: &[&str]) -> String {
-    let o = t.cli_async(args).await;
-    assert!(
-        o.status.success(),
-        "tenso {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        t.log()
-    );
-    String::from_utf8(o.stdout).expect("utf-8 output")
+    t.cli_ok(args).await
 }
 
 /// A running daemon with `alice@alias.test`, `bob@alias.test`, a catch-all domain and an
@@ -68,11 +57,7 @@ async fn relay() -> (Tenso, TestDns) {
 }
 
 async fn queue(t: &Tenso) -> Vec<Value> {
-    let out = cli_ok(t, &["queue", "list", "--json"]).await;
-    match serde_json::from_str(&out) {
-        Ok(Value::Array(v)) => v,
-        other => panic!("queue list --json is not an array: {other:?}\n{out}"),
-    }
+    t.queue_list().await
 }
 
 fn rcpt_field(m: &Value, field: &str) -> Vec<String> {

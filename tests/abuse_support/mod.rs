@@ -22,11 +22,8 @@ pub fn ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
 }
 
-/// A port on 127.0.0.1 where nothing listens (bound, then released).
-pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+#[allow(unused_imports)] // not every test binary uses it
+pub use crate::common::closed_port;
 
 /// The parts of a test config; `Default` forwards to a closed port with a one-hour
 /// retry (accepted mail stays queued) and keeps the built-in limits.

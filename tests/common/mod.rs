@@ -22,6 +22,13 @@ pub mod tls;
 use std::future::Future;
 use std::time::Duration;
 
+/// A 127.0.0.1 port nothing listens on (bound and released), for destinations that
+/// must refuse connections.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or gives up after `timeout`.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
 where

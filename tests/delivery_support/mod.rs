@@ -390,8 +390,5 @@ impl Trap {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago and has no listener now.
-pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
-    l.local_addr().expect("probe addr").port()
-}
+#[allow(unused_imports)] // not every test binary uses it
+pub use crate::common::closed_port;
