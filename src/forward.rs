@@ -102,7 +102,13 @@ pub fn expand(
             let mail_from = if reverse_path.is_empty() {
                 String::new()
             } else if found.kind == MatchKind::CatchAll {
-                format!("{}@{}", written.local, written.domain_lower())
+                // Written, not pasted: a local part such as `x>y` or `a b` is quoted, so
+                // it can never end the path early on the wire.
+                Mailbox {
+                    local: written.local.clone(),
+                    domain: written.domain_lower(),
+                }
+                .to_string()
             } else {
                 found.alias.clone()
             };
@@ -240,6 +246,11 @@ mod tests {
         assert_eq!(r[0].mail_from, "alice@a.test");
         let r = expand(&t, &cfg, &target("Someone@C.test"), "s@o.test").unwrap();
         assert_eq!(r[0].mail_from, "Someone@c.test");
+        // A catch-all's reverse-path is the written address, quoted as it must be.
+        let r = expand(&t, &cfg, &target("\"x>y\"@C.test"), "s@o.test").unwrap();
+        assert_eq!(r[0].mail_from, "\"x>y\"@c.test");
+        let r = expand(&t, &cfg, &target("\"a b\"@c.test"), "s@o.test").unwrap();
+        assert_eq!(r[0].mail_from, "\"a b\"@c.test");
         let r = expand(&t, &cfg, &target("alice@a.test"), "").unwrap();
         assert!(r.iter().all(|r| r.mail_from.is_empty()));
         let pm = Target::Postmaster {

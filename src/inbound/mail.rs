@@ -9,7 +9,7 @@ use super::session::{Session, Transaction};
 use crate::config::{ListAction, UnknownRecipient};
 use crate::forward::Target;
 use crate::smtp::Reply;
-use crate::smtp::address::{AddressError, Path, extract_path, parse_path};
+use crate::smtp::address::{AddressError, Path, check_alias, extract_path, parse_path};
 use crate::table::RcptLookup;
 use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo};
 use std::sync::atomic::Ordering;
@@ -155,14 +155,14 @@ impl Session {
             }
             Err(e) => return Reply::new(501, "5.1.3", format!("bad recipient: {e}")),
         };
-        if m.is_address_literal() {
-            return relay_denied("address literals are not accepted");
-        }
-        if m.local.contains(['%', '!']) {
-            return relay_denied("% and ! routing is not supported");
-        }
-        if m.local.contains('@') {
-            return relay_denied("quoted local part holding @");
+        // The same rule as for the table's aliases: what could never be an alias is
+        // a routing trick here.
+        if let Err(e) = check_alias(&m) {
+            let why = match e {
+                AddressError::NotAlias(why) => why,
+                _ => "not a forwardable address",
+            };
+            return relay_denied(why);
         }
         let found = match self.ctx.table.lookup_rcpt(&m) {
             Ok(RcptLookup::Found(f)) => Some(f),

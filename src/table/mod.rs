@@ -11,7 +11,7 @@ pub mod fwdlog;
 pub mod import;
 
 use crate::config::BouncePolicy;
-use crate::smtp::address::Mailbox;
+use crate::smtp::address::{Mailbox, check_alias};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -98,18 +98,10 @@ impl AliasName {
                 domain: m.domain_lower(),
             });
         }
+        // The one alias rule, shared with RCPT (smtp::address::check_alias).
         let m = Mailbox::parse(s)
+            .and_then(|m| check_alias(&m).map(|()| m))
             .map_err(|e| TableError::Invalid(format!("invalid alias {s:?}: {e}")))?;
-        if m.is_address_literal() {
-            return Err(TableError::Invalid(format!(
-                "invalid alias {s:?}: an address literal cannot be an alias domain"
-            )));
-        }
-        if m.local.contains(['@', '%', '!', '"', ' ']) {
-            return Err(TableError::Invalid(format!(
-                "invalid alias {s:?}: routing characters in the local part"
-            )));
-        }
         Ok(AliasName {
             local: m.local.to_lowercase(),
             domain: m.domain_lower(),
@@ -122,9 +114,24 @@ impl AliasName {
 }
 
 impl std::fmt::Display for AliasName {
+    /// The RFC 5321 form (local part quoted when needed); `@domain` for a catch-all.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.local, self.domain)
+        f.write_str(&alias_text(&self.local, &self.domain))
     }
+}
+
+/// An alias key's name as written everywhere (listings, export, envelopes, MAIL
+/// FROM): `@domain` for a catch-all, else the mailbox with its local part quoted when
+/// it is not a Dot-string, so that the name parses back to the same key.
+fn alias_text(local: &str, domain: &str) -> String {
+    if local.is_empty() {
+        return format!("@{domain}");
+    }
+    Mailbox {
+        local: local.to_string(),
+        domain: domain.to_string(),
+    }
+    .to_string()
 }
 
 fn key(domain: &str, local: &str) -> Vec<u8> {
@@ -138,7 +145,7 @@ fn key(domain: &str, local: &str) -> Vec<u8> {
 fn name_of(k: &[u8]) -> String {
     let s = String::from_utf8_lossy(k);
     match s.split_once('\0') {
-        Some((d, l)) => format!("{l}@{d}"),
+        Some((d, l)) => alias_text(l, d),
         None => s.into_owned(),
     }
 }
@@ -302,7 +309,7 @@ impl Table {
         let local = rcpt.local.to_lowercase();
         if let Some(entry) = self.get_raw(&domain, &local)? {
             return Ok(Some(Found {
-                alias: format!("{local}@{domain}"),
+                alias: alias_text(&local, &domain),
                 kind: MatchKind::Exact,
                 entry,
             }));
@@ -313,7 +320,7 @@ impl Table {
             && let Some(entry) = self.get_raw(&domain, base)?
         {
             return Ok(Some(Found {
-                alias: format!("{base}@{domain}"),
+                alias: alias_text(base, &domain),
                 kind: MatchKind::Subaddress,
                 entry,
             }));
@@ -367,11 +374,11 @@ impl Table {
         let lookup = |m: &Mailbox| -> Result<Option<(String, AliasEntry)>, TableError> {
             let d = m.domain_lower();
             let l = m.local.to_lowercase();
-            let mut candidates = vec![(l.clone(), format!("{l}@{d}"))];
+            let mut candidates = vec![(l.clone(), alias_text(&l, &d))];
             if let Some(sep) = self.separator
                 && let Some((base, _)) = l.split_once(sep)
             {
-                candidates.push((base.to_string(), format!("{base}@{d}")));
+                candidates.push((base.to_string(), alias_text(base, &d)));
             }
             candidates.push((String::new(), format!("@{d}")));
             for (local, name) in candidates {
@@ -427,8 +434,13 @@ impl Table {
         let mut out: Vec<String> = Vec::new();
         for d in dests {
             let m = parse_dest(d)?;
-            let norm = format!("{}@{}", m.local, m.domain_lower());
-            let norm = Mailbox::parse(&norm).map(|x| x.to_string()).unwrap_or(norm);
+            // Stored in the written form: quoted when needed, so it parses back.
+            let norm = Mailbox {
+                domain: m.domain_lower(),
+                local: m.local,
+            }
+            .written()
+            .map_err(|e| TableError::Invalid(format!("invalid destination {d:?}: {e}")))?;
             if !out.contains(&norm) {
                 out.push(norm);
             }
@@ -714,6 +726,88 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("loop"), "{err}");
         assert_eq!(t.get("a@x.test").unwrap().dests, s(&["a@dest.test"]));
+    }
+
+    #[test]
+    fn quoted_local_parts_are_written_and_export_imports_unchanged() {
+        let (_d, t) = table();
+        t.add(
+            "\"../x\"@alias.test",
+            &s(&["\"c d\"@Dest.test"]),
+            BouncePolicy::Pool,
+        )
+        .unwrap();
+        t.add(
+            "\"Sales Team\"@alias.test",
+            &s(&["\"../x\"@alias.test", "e@dest.test"]),
+            BouncePolicy::Pool,
+        )
+        .unwrap();
+        let m = Mailbox::parse("\"../X\"@alias.test").unwrap();
+        let f = t.resolve(&m).unwrap().unwrap();
+        assert_eq!(f.alias, "\"../x\"@alias.test");
+        assert_eq!(f.entry.dests, s(&["\"c d\"@dest.test"]));
+        let pairs: Vec<(String, Vec<String>)> = t
+            .list(None)
+            .unwrap()
+            .into_iter()
+            .map(|(n, e)| (n, e.dests))
+            .collect();
+        assert_eq!(pairs[0].0, "\"../x\"@alias.test");
+        assert_eq!(pairs[1].0, "\"sales team\"@alias.test");
+        let text = import::export_virtual(&pairs);
+        let parsed = import::parse(&text, import::Format::Virtual, None);
+        assert!(parsed.bad.is_empty(), "{:?}\n{text}", parsed.bad);
+        let (_d2, fresh) = table();
+        let report = fresh.import(parsed, false, BouncePolicy::Pool).unwrap();
+        assert!(report.bad.is_empty(), "{:?}", report.bad);
+        let back: Vec<(String, Vec<String>)> = fresh
+            .list(None)
+            .unwrap()
+            .into_iter()
+            .map(|(n, e)| (n, e.dests))
+            .collect();
+        assert_eq!(back, pairs);
+        assert_eq!(import::export_virtual(&back), text);
+    }
+
+    #[test]
+    fn one_alias_rule_for_add_set_and_import() {
+        let (_d, t) = table();
+        for bad in [
+            "a%b@alias.test",
+            "a!b@alias.test",
+            "\"u@other\"@alias.test",
+            "a@[127.0.0.1]",
+            "\"tab\there\"@alias.test",
+            ".a@alias.test",
+        ] {
+            assert!(
+                t.add(bad, &s(&["x@dest.test"]), BouncePolicy::Pool)
+                    .is_err(),
+                "{bad}"
+            );
+            let parsed = import::parse(
+                &format!("{bad} x@dest.test\n"),
+                import::Format::Virtual,
+                None,
+            );
+            let report = t.import(parsed, false, BouncePolicy::Pool).unwrap();
+            assert!(!report.bad.is_empty(), "{bad}: {report:?}");
+        }
+        let long = format!("{}@alias.test", "a".repeat(65));
+        assert!(
+            t.add(&long, &s(&["x@dest.test"]), BouncePolicy::Pool)
+                .is_err()
+        );
+        assert_eq!(t.count(), 0);
+        // A destination is stored in its written form too.
+        t.add("ok@alias.test", &s(&["\"a b\"@dest.test"]), BouncePolicy::Pool)
+            .unwrap();
+        let e = t
+            .update("ok@alias.test", |e| e.dests = s(&["\"x>y\"@dest.test"]))
+            .unwrap();
+        assert_eq!(e.dests, s(&["\"x>y\"@dest.test"]));
     }
 
     #[test]
