@@ -65,6 +65,7 @@ fn rcpt(orig: &str, alias: &str, mail_from: &str, dest: &str, policy: BouncePoli
         remote_mta: None,
         warned: false,
         reported: false,
+        unknown: false,
     }
 }
 
@@ -197,6 +198,16 @@ pub fn destinations(table: &Table, cfg: &Config, alias: &str) -> Result<Vec<Stri
         .filter(|r| r.is_pending())
         .map(|r| r.dest)
         .collect())
+}
+
+/// An unknown recipient accepted under `unknown_recipient = "accept"` whose sender
+/// gets a DSN (proposal 1b): failed from the start, for no alias, and marked so that
+/// the DSN step reports it to the original sender rather than to an alias.
+pub fn unknown(written: &str) -> Rcpt {
+    let mut r = rcpt(written, "", "", "", BouncePolicy::Pool);
+    r.unknown = true;
+    fail(&mut r, "5.1.1", "550 5.1.1 user unknown");
+    r
 }
 
 /// Marks a recipient failed before any attempt (the DSN step reports it).

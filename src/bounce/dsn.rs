@@ -60,6 +60,10 @@ const MAX_WORD: usize = 900;
 /// 1970..=9999 can only be caller bugs, so they are clamped rather than
 /// wrapped into nonsense.
 const MAX_TIMESTAMP: i64 = 253_402_300_799;
+/// Most octets of the original's header section a report returns. A report may go
+/// to a forged sender (proposal 1b): it must never turn into a way of reflecting
+/// text at someone, so the body is never returned and the headers are capped.
+pub const MAX_RETURNED_HEADERS: usize = 16 * 1024;
 
 // ---------------------------------------------------------------------------
 // Building
@@ -146,7 +150,8 @@ pub struct DsnReport<'a> {
     pub original_sender: &'a str,
     pub recipients: Vec<DsnRecipient>,
     /// The original's header block, CRLF line endings (a whole message is
-    /// tolerated: everything after the first empty line is ignored).
+    /// tolerated: only its real header section is returned, see
+    /// [`MAX_RETURNED_HEADERS`]).
     pub original_headers: &'a [u8],
     /// Message-ID for the report, with or without the angle brackets.
     pub message_id: String,
@@ -477,19 +482,24 @@ fn typed_addr(addr: &str, intl: bool) -> String {
     enc
 }
 
-/// The header block returned in the third part: cut at the first empty line,
-/// line endings normalised to CRLF, bare CRs made spaces, NULs dropped, bytes that are
-/// not UTF-8 replaced by `?`, each line cut to 998 octets (our own spool
-/// never holds longer ones; this is defence in depth).
+/// The header block returned in the third part: the original's real header
+/// section and nothing else. It ends at the first empty line or at the first line
+/// that is neither a header field (`name:`) nor a continuation of one — so a message
+/// without an empty line does not pass its text off as headers — and whole fields
+/// are kept only while they fit in [`MAX_RETURNED_HEADERS`]. Line endings become
+/// CRLF, bare CRs spaces, NULs are dropped, bytes that are not UTF-8 become `?`, and
+/// each line is cut to 998 octets (our own spool never holds longer ones; this is
+/// defence in depth).
 fn returned_headers(raw: &[u8]) -> String {
-    let mut text = String::with_capacity(raw.len());
+    let mut text = String::with_capacity(raw.len().min(2 * MAX_RETURNED_HEADERS));
     for chunk in raw.utf8_chunks() {
         text.push_str(chunk.valid());
         if !chunk.invalid().is_empty() {
             text.push('?');
         }
     }
-    let mut out = String::with_capacity(text.len() + 2);
+    let mut out = String::new();
+    let mut field = String::new();
     for line in text.split('\n') {
         // A bare CR is not a line break in RFC 5322 and may not be sent; a
         // space keeps the words apart.
@@ -499,17 +509,37 @@ fn returned_headers(raw: &[u8]) -> String {
             .filter(|&c| c != '\0')
             .map(|c| if c == '\r' { ' ' } else { c })
             .collect();
-        if line.trim().is_empty() {
-            // End of the header block (or a stray empty line before it).
-            if out.is_empty() {
-                continue;
-            }
-            break;
+        let blank = line.trim().is_empty();
+        if !field.is_empty() && !blank && line.starts_with([' ', '\t']) {
+            field.push_str(truncate(&line, MAX_LINE));
+            field.push_str("\r\n");
+            continue;
         }
-        out.push_str(truncate(&line, MAX_LINE));
-        out.push_str("\r\n");
+        if out.len() + field.len() > MAX_RETURNED_HEADERS {
+            return out;
+        }
+        out.push_str(&field);
+        field.clear();
+        if blank || !is_field_start(&line) {
+            return out;
+        }
+        field.push_str(truncate(&line, MAX_LINE));
+        field.push_str("\r\n");
+    }
+    if out.len() + field.len() <= MAX_RETURNED_HEADERS {
+        out.push_str(&field);
     }
     out
+}
+
+/// True when `line` starts a header field: a name of printable ASCII other than
+/// `:` (RFC 5322 §3.6.8), optionally followed by blanks (obsolete syntax), then `:`.
+fn is_field_start(line: &str) -> bool {
+    let Some((name, _)) = line.split_once(':') else {
+        return false;
+    };
+    let name = name.trim_end_matches([' ', '\t']);
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The boundary: a fixed prefix, the queue ID's alphanumerics and a hash of
@@ -1249,6 +1279,7 @@ fn header(msg: &Message, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::path::PathBuf;
 
     // Samples of foreign mail, loaded at compile time. The paths are relative
@@ -1377,7 +1408,42 @@ Date: Tue, 03 Mar 2026 08:59:58 +0000\r\n"
             ("dsn_envid.eml", with_envid()),
             ("dsn_smtputf8.eml", smtputf8()),
             ("dsn_delayed_only.eml", delayed_only()),
+            ("dsn_1b_unknown_headers_only.eml", unknown_1b()),
         ]
+    }
+
+    /// Proposal 1b's report to a sender about unknown recipients, for a message that
+    /// has no empty line: only its header fields come back, never its text.
+    fn unknown_1b() -> DsnReport<'static> {
+        const NO_EMPTY_LINE: &[u8] = b"Received: from mx.src.test ([192.0.2.7])\r\n\
+            \tby relay.tenso.test (tenso) with ESMTP id 7Q2K9\r\n\
+            From: Alice <alice@src.test>\r\n\
+            To: ghost@alias.test\r\n\
+            Subject: cheap offers\r\n\
+            Message-ID: <orig.42@src.test>\r\n\
+            Buy now at http://spam.example/ -- this line is text, not a header\r\n\
+            X-Looks-Like: a header, but after the text\r\n\
+            more text\r\n";
+        let unknown = |addr: &str| DsnRecipient {
+            final_recipient: addr.to_string(),
+            original_recipient: Some(addr.to_string()),
+            action: Action::Failed,
+            status: "5.1.1".to_string(),
+            remote_mta: None,
+            diagnostic: Some("550 5.1.1 user unknown".to_string()),
+            last_attempt: NOW - 3600,
+            will_retry_until: None,
+        };
+        DsnReport {
+            to: "alice@src.test",
+            original_sender: "alice@src.test",
+            original_headers: NO_EMPTY_LINE,
+            message_id: "7Q2K9.unknown@relay.tenso.test".to_string(),
+            ..report(vec![
+                unknown("ghost@alias.test"),
+                unknown("\"x>y z\"@alias.test"),
+            ])
+        }
     }
 
     /// `tests/golden` seen from this file. `file!()` is absolute when the
@@ -1725,6 +1791,82 @@ Will-Retry-Until: Sun, 8 Mar 2026 10:00:00 +0000\r\n";
         let empty = build_dsn(&report(vec![]));
         assert_wire_clean(&empty, true);
         assert!(parse_dsn(&empty).is_none());
+    }
+
+    #[test]
+    fn returned_part_is_the_real_header_section() {
+        let cases: &[(&str, &str)] = &[
+            ("A: 1\r\nB: 2\r\n\r\nC: body\r\n", "A: 1\r\nB: 2\r\n"),
+            // No empty line: the first line that is no field ends the headers.
+            ("A: 1\r\nspam text\r\nB: 2\r\n", "A: 1\r\n"),
+            (
+                "A: 1\r\n folded\r\nX : old\r\ntext",
+                "A: 1\r\n folded\r\nX : old\r\n",
+            ),
+            ("A: 1", "A: 1\r\n"),
+            // An empty line first: the message has no headers at all.
+            ("\r\nA: body\r\n", ""),
+            ("  folded first\r\nA: 1\r\n", ""),
+            ("A: 1\r\n   \r\nB: 2\r\n", "A: 1\r\n"),
+            ("no colon here\r\n", ""),
+            (": empty name\r\n", ""),
+            ("Bad Name: x\r\n", ""),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(returned_headers(raw.as_bytes()), *want, "{raw:?}");
+        }
+        // Capped at whole fields.
+        let field = format!("X-Filler: {}\r\n", "f".repeat(90));
+        let raw = field.repeat(1000);
+        let got = returned_headers(raw.as_bytes());
+        assert!(got.len() <= MAX_RETURNED_HEADERS);
+        assert!(got.len() > MAX_RETURNED_HEADERS - field.len());
+        assert_eq!(got.len() % field.len(), 0, "cut inside a field");
+        // The 1b report of a message without an empty line names none of its text.
+        let out = build_dsn(&unknown_1b());
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("Subject: cheap offers\r\n"));
+        assert!(!text.contains("Buy now"), "{text}");
+        assert!(!text.contains("X-Looks-Like"), "{text}");
+        assert!(text.contains("Content-Type: text/rfc822-headers\r\n"));
+        assert!(text.contains("Final-Recipient: rfc822; \"x>y z\"@alias.test\r\n"));
+    }
+
+    /// Header-ish text: fields, continuations, blank lines, body lines and junk.
+    fn headerish() -> impl Strategy<Value = String> {
+        let line = prop_oneof![
+            4 => "[A-Za-z-]{1,12}: [ -~]{0,60}",
+            2 => "[ \t][ -~]{0,40}",
+            1 => "[ -~]{0,60}",
+            1 => Just(String::new()),
+            1 => "[\r\n\0a:\t ]{0,8}",
+        ];
+        prop::collection::vec(line, 0..60).prop_map(|v| v.join("\r\n"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Nothing after the first empty line is ever returned, the result is within
+        /// the cap, and every line of it is a field or a continuation.
+        #[test]
+        fn the_body_is_never_returned(head in headerish(), body in headerish()) {
+            let with_body = format!("{head}\r\n\r\n{body}");
+            let without = format!("{head}\r\n\r\n");
+            let got = returned_headers(with_body.as_bytes());
+            prop_assert_eq!(&got, &returned_headers(without.as_bytes()));
+            prop_assert!(got.len() <= MAX_RETURNED_HEADERS);
+            for line in got.split_terminator("\r\n") {
+                let folded = line.starts_with([' ', '\t']) && !line.trim().is_empty();
+                prop_assert!(folded || is_field_start(line), "{:?} in {:?}", line, got);
+            }
+            let mut r = single_failed();
+            const MARK: &str = "BODY-\u{a7}-MARK";
+            let marked = format!("{head}\r\n\r\n{MARK}\r\n{body}");
+            r.original_headers = marked.as_bytes();
+            let out = build_dsn(&r);
+            prop_assert!(!String::from_utf8_lossy(&out).contains(MARK));
+        }
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl Bounce {
                     remote_mta: None,
                     warned: false,
                     reported: false,
+                    unknown: false,
                 })
                 .collect(),
             notes,
@@ -242,52 +243,54 @@ impl Bounce {
         Ok((env, body))
     }
 
-    /// Proposal 1b, the allowed half: a DSN (5.1.1) to the original sender for
-    /// recipients accepted under `unknown_recipient = "accept"` that do not exist.
-    /// The caller has already ruled out SPF fail/softfail and the null sender.
-    pub async fn report_unknown(
+    /// Proposal 1b, the allowed half: a DSN (5.1.1) to the original sender of `env`
+    /// for recipients accepted under `unknown_recipient = "accept"` that do not exist.
+    /// Inbound recorded them only when SPF and the sender allowed it; the returned
+    /// part holds the message's header section only, never its body.
+    async fn report_unknown(
         &self,
-        queue_id: &str,
-        sender: &str,
-        env_id: Option<&str>,
-        unknown: &[String],
-        msg: &[u8],
+        env: &Envelope,
+        body: &[u8],
+        rcpts: &[&Rcpt],
     ) -> Result<Queued, String> {
         let now = crate::time::unix_now();
         let report = DsnReport {
             reporting_mta: &self.cfg.hostname,
-            queue_id,
-            original_envelope_id: env_id,
-            arrival: now,
+            queue_id: &env.id,
+            original_envelope_id: env.env_id.as_deref(),
+            arrival: env.arrival,
             now,
-            to: sender,
-            original_sender: sender,
-            recipients: unknown
+            to: &env.reverse_path,
+            original_sender: &env.reverse_path,
+            recipients: rcpts
                 .iter()
-                .map(|u| DsnRecipient {
-                    final_recipient: u.clone(),
-                    original_recipient: Some(u.clone()),
+                .map(|r| DsnRecipient {
+                    final_recipient: r.orig.clone(),
+                    original_recipient: Some(r.orig.clone()),
                     action: Action::Failed,
-                    status: "5.1.1".into(),
+                    status: r.status.clone().unwrap_or_else(|| "5.1.1".into()),
                     remote_mta: None,
-                    diagnostic: Some("550 5.1.1 user unknown".into()),
-                    last_attempt: now,
+                    diagnostic: r.last.clone(),
+                    last_attempt: env.arrival,
                     will_retry_until: None,
                 })
                 .collect(),
-            original_headers: header_section(msg),
-            message_id: format!("{queue_id}.unknown@{}", self.cfg.hostname),
+            original_headers: header_section(body),
+            message_id: format!("{}.unknown@{}", env.id, self.cfg.hostname),
         };
         let dsn = dsn::build_dsn(&report);
         self.counters.dsn_generated.fetch_add(1, Ordering::Relaxed);
-        self.queue_to_rcpts(
-            vec![(String::new(), sender.to_string())],
-            BouncePolicy::Pool,
-            dsn,
-            MessageKind::Dsn,
-            vec!["unknown recipient DSN to the original sender".into()],
-        )
-        .await
+        let q = self
+            .queue_to_rcpts(
+                vec![(String::new(), env.reverse_path.clone())],
+                BouncePolicy::Pool,
+                dsn,
+                MessageKind::Dsn,
+                vec!["unknown recipient DSN to the original sender".into()],
+            )
+            .await?;
+        tracing::info!(queue_id = %env.id, dsn_id = %q.0.id, to = %env.reverse_path, recipients = rcpts.len(), "unknown recipients: DSN to the sender (proposal 1b)");
+        Ok(q)
     }
 
     /// Records a forwarded copy for bounce correlation (ENVID = queue id, Message-ID).
@@ -405,6 +408,12 @@ impl Bounce {
             }
             return Ok(Vec::new());
         }
+        let mut out = Vec::new();
+        // Proposal 1b's unknown recipients: one DSN to the original sender.
+        let (unknown, rcpts): (Vec<&Rcpt>, Vec<&Rcpt>) = rcpts.iter().partition(|r| r.unknown);
+        if !unknown.is_empty() && action == Action::Failed {
+            out.push(self.report_unknown(env, body, &unknown).await?);
+        }
         // One DSN per alias: each goes through that alias's own policy.
         let mut groups: BTreeMap<(String, String), Vec<&Rcpt>> = BTreeMap::new();
         for r in rcpts {
@@ -415,7 +424,6 @@ impl Bounce {
         }
         let now = crate::time::unix_now();
         let headers = header_section(body);
-        let mut out = Vec::new();
         for ((alias, to), group) in groups {
             let policy = group[0].policy;
             let to = if to.is_empty() { alias.clone() } else { to };

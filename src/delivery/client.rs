@@ -7,6 +7,7 @@
 //! byte-exact DATA (its writer doubles a final CRLF). Nothing here decides retries.
 
 use crate::config::TlsMode;
+use crate::smtp::address::WirePath;
 use crate::smtp::codec::dot_stuff;
 use mail_send::SmtpClient;
 use smtp_proto::{
@@ -223,12 +224,13 @@ pub async fn open(
 
 /// What to send in one transaction.
 pub struct Transaction<'a> {
-    pub mail_from: &'a str,
-    pub rcpts: &'a [String],
+    /// Paths checked for the wire: nothing else is ever written into MAIL or RCPT.
+    pub mail_from: &'a WirePath,
+    pub rcpts: &'a [WirePath],
     /// The message as it goes out (trace headers already prepended), CRLF lines.
+    /// Whether it needs 8BITMIME is read from these bytes, not from any label.
     pub message: &'a [u8],
     pub needs_smtputf8: bool,
-    pub eight_bit: bool,
     /// ENVID to send when the server offers DSN (RFC 3461), with RET=HDRS.
     pub env_id: Option<&'a str>,
 }
@@ -305,48 +307,90 @@ impl Session {
         data_timeout: Duration,
     ) -> (Vec<Outcome>, bool) {
         let n = t.rcpts.len();
-        let all = |o: Outcome| vec![o; n];
+        let eight_bit = !t.message.is_ascii();
+        if let Some(o) = self.refusal(t, eight_bit) {
+            return (vec![o; n], true);
+        }
+        let envelope = match self.envelope(t, eight_bit).await {
+            Ok(e) => e,
+            Err(o) => return (vec![o; n], false),
+        };
+        let EnvelopeReplies {
+            mail,
+            outcomes,
+            data,
+        } = envelope;
+        let accepted = outcomes.iter().filter(|o| o.is_none()).count();
+        let opened = data.as_ref().is_some_and(|r| r.code == 354);
+        if mail.code / 100 != 2 || accepted == 0 {
+            // RFC 2920 §3.1: a server that still answered 354 to the pipelined DATA
+            // gets a lone dot, so it is in command state again; nothing counts as
+            // delivered whatever it answers to that.
+            let usable = (!opened || self.lone_dot(data_timeout).await)
+                && self.cmd("RSET\r\n").await.is_ok();
+            if mail.code / 100 != 2 {
+                // The RCPT replies after a refused MAIL say nothing about the recipients.
+                return (vec![Outcome::from_reply(&mail); n], usable);
+            }
+            // Every RCPT was refused: each keeps its own reply.
+            return (outcomes.into_iter().flatten().collect(), usable);
+        }
+        let Some(data) = data else {
+            let o = Outcome::Deferred("4.4.2".into(), "no reply to DATA".into());
+            return (fill(outcomes, &o), false);
+        };
+        if !opened {
+            let o = Outcome::from_reply(&data);
+            let ok = self.cmd("RSET\r\n").await.is_ok();
+            return (fill(outcomes, &o), ok);
+        }
+        let mut wire = Vec::with_capacity(t.message.len() + t.message.len() / 64 + 8);
+        dot_stuff(t.message, &mut wire);
+        let (o, usable) = match self.send_data(&wire, data_timeout).await {
+            Ok(r) => (Outcome::from_reply(&r), true),
+            Err(e) => (Outcome::Deferred("4.4.2".into(), err_text(&e)), false),
+        };
+        (fill(outcomes, &o), usable)
+    }
+
+    /// What this server cannot take at all, decided before MAIL.
+    fn refusal(&self, t: &Transaction<'_>, eight_bit: bool) -> Option<Outcome> {
         if self.caps & EXT_SIZE != 0 && self.max_size > 0 && t.message.len() > self.max_size {
-            return (
-                all(Outcome::Failed(
-                    "5.3.4".into(),
-                    format!(
-                        "message size {} exceeds {}'s limit of {}",
-                        t.message.len(),
-                        self.host,
-                        self.max_size
-                    ),
-                )),
-                true,
-            );
+            return Some(Outcome::Failed(
+                "5.3.4".into(),
+                format!(
+                    "message size {} exceeds {}'s limit of {}",
+                    t.message.len(),
+                    self.host,
+                    self.max_size
+                ),
+            ));
         }
-        let utf8 = self.caps & EXT_SMTP_UTF8 != 0;
-        if t.needs_smtputf8 && !utf8 {
+        if t.needs_smtputf8 && self.caps & EXT_SMTP_UTF8 == 0 {
             // RFC 6531 §3.2: no SMTPUTF8 at the server, no delivery of UTF-8 envelopes.
-            return (
-                all(Outcome::Failed(
-                    "5.6.7".into(),
-                    format!("{} does not support SMTPUTF8", self.host),
-                )),
-                true,
-            );
+            return Some(Outcome::Failed(
+                "5.6.7".into(),
+                format!("{} does not support SMTPUTF8", self.host),
+            ));
         }
-        let eight = self.caps & EXT_8BIT_MIME != 0;
-        if t.eight_bit && !eight {
+        if eight_bit && self.caps & EXT_8BIT_MIME == 0 {
             // RFC 6152 §3: convert or bounce; converting would break DKIM signatures.
-            return (
-                all(Outcome::Failed(
-                    "5.6.3".into(),
-                    format!("{} does not accept 8-bit data (no 8BITMIME)", self.host),
-                )),
-                true,
-            );
+            // Only octets above 127 count: a 7-bit message labelled 8BITMIME goes out.
+            return Some(Outcome::Failed(
+                "5.6.3".into(),
+                format!("{} does not accept 8-bit data (no 8BITMIME)", self.host),
+            ));
         }
+        None
+    }
+
+    /// MAIL, RCPT and DATA command lines; BODY=8BITMIME only for 8-bit content.
+    fn commands(&self, t: &Transaction<'_>, eight_bit: bool) -> Vec<String> {
         let mut params = String::new();
         if self.caps & EXT_SIZE != 0 {
             params.push_str(&format!(" SIZE={}", t.message.len()));
         }
-        if t.eight_bit && eight {
+        if eight_bit {
             params.push_str(" BODY=8BITMIME");
         }
         if t.needs_smtputf8 {
@@ -357,118 +401,95 @@ impl Session {
         {
             params.push_str(&format!(" RET=HDRS ENVID={}", xtext(id)));
         }
-        let mut cmds = vec![format!("MAIL FROM:<{}>{params}\r\n", t.mail_from)];
+        let mut cmds = vec![format!("MAIL FROM:{}{params}\r\n", t.mail_from)];
         for r in t.rcpts {
-            cmds.push(format!("RCPT TO:<{r}>\r\n"));
+            cmds.push(format!("RCPT TO:{r}\r\n"));
         }
-        let pipelining = self.caps & EXT_PIPELINING != 0;
-        let replies: Vec<Response<String>> = if pipelining {
+        cmds
+    }
+
+    /// Sends MAIL, the RCPTs and DATA — in one go with PIPELINING, else one by one,
+    /// stopping after a refused MAIL and leaving DATA out when no RCPT was accepted.
+    /// An error is the outcome for every recipient (the session is lost).
+    async fn envelope(
+        &mut self,
+        t: &Transaction<'_>,
+        eight_bit: bool,
+    ) -> Result<EnvelopeReplies, Outcome> {
+        let n = t.rcpts.len();
+        let lost = |e: mail_send::Error| Outcome::Deferred("4.4.2".into(), err_text(&e));
+        let mut cmds = self.commands(t, eight_bit);
+        let mut replies = if self.caps & EXT_PIPELINING != 0 {
             cmds.push("DATA\r\n".into());
-            match self.cmds(&cmds).await {
-                Ok(r) => r,
-                Err(e) => return (all(Outcome::Deferred("4.4.2".into(), err_text(&e))), false),
-            }
+            self.cmds(&cmds).await.map_err(lost)?
         } else {
             let mut out = Vec::new();
-            for (i, c) in cmds.iter().enumerate() {
-                match self.cmd(c).await {
-                    Ok(r) => {
-                        let stop = i == 0 && r.code / 100 != 2;
-                        out.push(r);
-                        if stop {
-                            break;
-                        }
-                    }
-                    Err(e) => return (all(Outcome::Deferred("4.4.2".into(), err_text(&e))), false),
+            for c in &cmds {
+                let r = self.cmd(c).await.map_err(lost)?;
+                let refused_mail = out.is_empty() && r.code / 100 != 2;
+                out.push(r);
+                if refused_mail {
+                    break;
                 }
             }
             out
         };
-        let mail = &replies[0];
-        if mail.code / 100 != 2 {
-            let o = Outcome::from_reply(mail);
-            let ok = self.cmd("RSET\r\n").await.is_ok();
-            return (all(o), ok);
-        }
-        let mut outcomes: Vec<Option<Outcome>> = replies[1..=n.min(replies.len() - 1)]
-            .iter()
-            .map(|r| {
-                if r.code / 100 == 2 {
-                    None
-                } else {
-                    Some(Outcome::from_reply(r))
-                }
-            })
+        let data = (replies.len() > n + 1).then(|| replies.remove(n + 1));
+        let mut rest = replies.into_iter();
+        let mail = rest
+            .next()
+            .ok_or_else(|| Outcome::Deferred("4.4.2".into(), "no reply to MAIL".into()))?;
+        let mut outcomes: Vec<Option<Outcome>> = rest
+            .map(|r| (r.code / 100 != 2).then(|| Outcome::from_reply(&r)))
             .collect();
         outcomes.resize(
             n,
             Some(Outcome::Deferred("4.4.2".into(), "no reply to RCPT".into())),
         );
-        let accepted = outcomes.iter().filter(|o| o.is_none()).count();
-        let data_reply = if pipelining {
-            replies.get(n + 1).cloned()
-        } else if accepted > 0 {
-            match self.cmd("DATA\r\n").await {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    let o = Outcome::Deferred("4.4.2".into(), err_text(&e));
-                    return (
-                        outcomes
-                            .into_iter()
-                            .map(|x| x.unwrap_or_else(|| o.clone()))
-                            .collect(),
-                        false,
-                    );
-                }
+        let accepted = outcomes.iter().any(|o| o.is_none());
+        let data = match data {
+            Some(d) => Some(d),
+            None if mail.code / 100 == 2 && accepted => {
+                Some(self.cmd("DATA\r\n").await.map_err(lost)?)
             }
-        } else {
-            None
+            None => None,
         };
-        if accepted == 0 {
-            let ok = self.cmd("RSET\r\n").await.is_ok();
-            return (
-                outcomes
-                    .into_iter()
-                    .map(|o| o.expect("all refused"))
-                    .collect(),
-                ok,
-            );
-        }
-        let Some(data_reply) = data_reply else {
-            let o = Outcome::Deferred("4.4.2".into(), "no reply to DATA".into());
-            return (
-                outcomes
-                    .into_iter()
-                    .map(|x| x.unwrap_or_else(|| o.clone()))
-                    .collect(),
-                false,
-            );
-        };
-        if data_reply.code != 354 {
-            let o = Outcome::from_reply(&data_reply);
-            let ok = self.cmd("RSET\r\n").await.is_ok();
-            return (
-                outcomes
-                    .into_iter()
-                    .map(|x| x.unwrap_or_else(|| o.clone()))
-                    .collect(),
-                ok,
-            );
-        }
-        let mut wire = Vec::with_capacity(t.message.len() + t.message.len() / 64 + 8);
-        dot_stuff(t.message, &mut wire);
-        let (o, usable) = match self.send_data(&wire, data_timeout).await {
-            Ok(r) => (Outcome::from_reply(&r), true),
-            Err(e) => (Outcome::Deferred("4.4.2".into(), err_text(&e)), false),
-        };
-        (
-            outcomes
-                .into_iter()
-                .map(|x| x.unwrap_or_else(|| o.clone()))
-                .collect(),
-            usable,
-        )
+        Ok(EnvelopeReplies {
+            mail,
+            outcomes,
+            data,
+        })
     }
+
+    /// Ends a DATA the server opened although nothing is to be sent: a lone `.`
+    /// (RFC 2920 §3.1). True when the server answered it and the session goes on.
+    async fn lone_dot(&mut self, timeout: Duration) -> bool {
+        match self.send_data(b".\r\n", timeout).await {
+            Ok(r) => {
+                tracing::debug!(host = %self.host, reply = %reply_text(&r), "lone dot after a DATA opened for no recipient");
+                true
+            }
+            Err(e) => {
+                tracing::info!(host = %self.host, error = %err_text(&e), "no reply to the lone dot");
+                false
+            }
+        }
+    }
+}
+
+/// The replies to MAIL, each RCPT (None = accepted) and DATA (if it was sent).
+struct EnvelopeReplies {
+    mail: Response<String>,
+    outcomes: Vec<Option<Outcome>>,
+    data: Option<Response<String>>,
+}
+
+/// Every recipient without an outcome of its own gets `o`.
+fn fill(outcomes: Vec<Option<Outcome>>, o: &Outcome) -> Vec<Outcome> {
+    outcomes
+        .into_iter()
+        .map(|x| x.unwrap_or_else(|| o.clone()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod route;
 
 use crate::config::{Config, TlsMode};
 use crate::dns::Resolver;
+use crate::smtp::address::WirePath;
 pub use client::Outcome;
 use client::{Session, SessionError};
 use route::RouteError;
@@ -30,7 +31,6 @@ pub struct Job<'a> {
     pub rcpts: Vec<String>,
     pub message: &'a [u8],
     pub needs_smtputf8: bool,
-    pub eight_bit: bool,
     pub env_id: Option<&'a str>,
 }
 
@@ -230,11 +230,67 @@ impl Delivery {
                 .clone()
         };
         let _slot = sem.acquire_owned().await.expect("semaphore never closed");
-        self.deliver_inner(job).await
+        self.deliver_checked(job).await
     }
 
-    async fn deliver_inner(&self, job: &Job<'_>) -> Report {
+    /// Writes every path for the wire first: a reverse-path that cannot be written
+    /// fails the whole group, a forward-path that cannot fails its recipient, and
+    /// only what passed goes to the next hop.
+    async fn deliver_checked(&self, job: &Job<'_>) -> Report {
         let n = job.rcpts.len();
+        let mail_from = match WirePath::from_stored(job.mail_from) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(queue_id = job.queue_id, from = ?job.mail_from, error = %e, "reverse-path cannot be written");
+                let o = Outcome::Failed("5.1.7".into(), format!("invalid reverse-path: {e}"));
+                return Report {
+                    outcomes: vec![o; n],
+                    remote_mta: None,
+                };
+            }
+        };
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+        let mut paths = Vec::with_capacity(n);
+        let mut index = Vec::with_capacity(n);
+        for (i, r) in job.rcpts.iter().enumerate() {
+            match WirePath::from_stored(r) {
+                Ok(p) if !p.is_null() => {
+                    paths.push(p);
+                    index.push(i);
+                }
+                res => {
+                    let e = res
+                        .err()
+                        .map_or("null forward-path".into(), |e| e.to_string());
+                    tracing::warn!(queue_id = job.queue_id, to = ?r, error = %e, "forward-path cannot be written");
+                    outcomes[i] = Some(Outcome::Failed(
+                        "5.1.3".into(),
+                        format!("invalid destination address: {e}"),
+                    ));
+                }
+            }
+        }
+        let mut remote_mta = None;
+        if !paths.is_empty() {
+            let report = self.deliver_inner(job, &mail_from, &paths).await;
+            remote_mta = report.remote_mta;
+            for (k, o) in report.outcomes.into_iter().enumerate() {
+                outcomes[index[k]] = Some(o);
+            }
+        }
+        Report {
+            outcomes: outcomes.into_iter().flatten().collect(),
+            remote_mta,
+        }
+    }
+
+    async fn deliver_inner(
+        &self,
+        job: &Job<'_>,
+        mail_from: &WirePath,
+        rcpts: &[WirePath],
+    ) -> Report {
+        let n = rcpts.len();
         let hosts = match route::resolve(&self.cfg, &self.resolver, job.domain).await {
             Ok(h) => h,
             Err(RouteError::Permanent(st, text)) => {
@@ -252,11 +308,10 @@ impl Delivery {
         };
         let mode = self.tls_mode(job.domain);
         let tx = client::Transaction {
-            mail_from: job.mail_from,
-            rcpts: &job.rcpts,
+            mail_from,
+            rcpts,
             message: job.message,
             needs_smtputf8: job.needs_smtputf8,
-            eight_bit: job.eight_bit,
             env_id: job.env_id,
         };
         let mut last = (

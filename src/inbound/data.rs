@@ -8,7 +8,7 @@ use crate::policy::strip_forged_results;
 use crate::smtp::Reply;
 use crate::smtp::codec::{DataDecoder, DataError};
 use crate::smtp::header::{count_fields, field_values, header_section};
-use crate::spool::{Envelope, MessageKind, RcptState};
+use crate::spool::{Envelope, MessageKind, Rcpt, RcptState};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -118,14 +118,7 @@ impl Session {
         }
 
         let mut targets = tx.targets.clone();
-        if let Err(e) = self.unknown_recipients(&id, &tx, &mut targets, &msg).await {
-            tracing::error!(queue_id = %id, client = %client, error = %e, "cannot queue DSN for unknown recipients");
-            return self.reply(Reply::new(
-                451,
-                "4.3.0",
-                "temporary failure, try again later",
-            ));
-        }
+        let unknown = self.unknown_recipients(&id, &tx, &mut targets);
 
         // Bounces coming home to an alias (proposal 2) go through its bounce policy.
         if tx.reverse_path.is_empty() {
@@ -204,6 +197,12 @@ impl Session {
                 }
             }
         }
+        // Proposal 1b: the unknown recipients travel in the message's own envelope,
+        // failed and not yet reported, so the DSN to the sender is made by the queue
+        // from the committed message — never before it (a 451 retry would send one
+        // more DSN each time), and never lost to a crash after the commit.
+        let n_unknown = unknown.len();
+        rcpts.extend(unknown);
         self.ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
         self.messages += 1;
         if rcpts.is_empty() {
@@ -218,9 +217,11 @@ impl Session {
             client_ip: Some(client),
             helo,
             reverse_path: tx.reverse_path.clone(),
-            env_id: tx.env_id.clone(),
+            env_id: None,
             smtputf8: tx.smtputf8,
-            eight_bit: tx.eight_bit || !msg.is_ascii(),
+            // What the content is, not what MAIL's BODY= said: delivery decides from
+            // the bytes whether a next hop without 8BITMIME can take it.
+            eight_bit: !msg.is_ascii(),
             size: msg.len() as u64,
             held: false,
             rcpts,
@@ -244,20 +245,27 @@ impl Session {
             auth = %verdict.summary,
             "accepted"
         );
+        if n_unknown > 0 {
+            self.ctx
+                .counters
+                .unknown_bounced
+                .fetch_add(n_unknown as u64, Ordering::Relaxed);
+            tracing::info!(queue_id = %id, to = %tx.reverse_path, unknown = n_unknown, "unknown recipients: DSN to the sender is due");
+        }
         self.ctx.queue.enqueue(env, Some(msg));
         self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
     }
 
-    /// Unknown recipients accepted under `unknown_recipient = "accept"`: a DSN to the
-    /// sender — except when SPF says fail or softfail, or the sender is null
-    /// (proposal 1b): then the copy is discarded, logged and counted.
-    async fn unknown_recipients(
+    /// Unknown recipients accepted under `unknown_recipient = "accept"`: taken out of
+    /// `targets` and returned as failed recipients whose DSN goes to the sender —
+    /// except when SPF says fail or softfail, or the sender is null (proposal 1b):
+    /// then the copy is discarded, logged and counted.
+    fn unknown_recipients(
         &mut self,
         id: &str,
         tx: &Transaction,
         targets: &mut Vec<forward::Target>,
-        msg: &[u8],
-    ) -> Result<(), String> {
+    ) -> Vec<Rcpt> {
         let unknown: Vec<String> = targets
             .iter()
             .filter_map(|t| match t {
@@ -266,7 +274,7 @@ impl Session {
             })
             .collect();
         if unknown.is_empty() {
-            return Ok(());
+            return Vec::new();
         }
         targets.retain(|t| !matches!(t, forward::Target::Unknown { .. }));
         let spf = tx
@@ -285,20 +293,10 @@ impl Session {
                 .bounce_suppressed_1b
                 .fetch_add(unknown.len() as u64, Ordering::Relaxed);
             tracing::info!(queue_id = id, client = %self.peer.ip(), from = %tx.reverse_path, %spf, unknown = ?unknown, why, "unknown recipients discarded without bounce");
-            return Ok(());
+            return Vec::new();
         }
-        let (env, body) = self
-            .ctx
-            .bounce
-            .report_unknown(id, &tx.reverse_path, tx.env_id.as_deref(), &unknown, msg)
-            .await?;
-        self.ctx
-            .counters
-            .unknown_bounced
-            .fetch_add(unknown.len() as u64, Ordering::Relaxed);
-        tracing::info!(queue_id = id, dsn_id = %env.id, to = %tx.reverse_path, %spf, unknown = ?unknown, "unknown recipients: DSN to the sender");
-        self.ctx.queue.enqueue(env, Some(body));
-        Ok(())
+        tracing::debug!(queue_id = id, from = %tx.reverse_path, %spf, unknown = ?unknown, "unknown recipients: the sender gets a DSN");
+        unknown.iter().map(|u| forward::unknown(u)).collect()
     }
 
     /// The DMARC pre-flight: aliases whose policy (or the default) is `pool` keep a

@@ -9,12 +9,70 @@ use super::session::{Session, Transaction};
 use crate::config::{ListAction, UnknownRecipient};
 use crate::forward::Target;
 use crate::smtp::Reply;
-use crate::smtp::address::{AddressError, Path, check_alias, extract_path, parse_path};
+use crate::smtp::address::{AddressError, Path, check_alias, extract_path, parse_path, split_path};
 use crate::table::RcptLookup;
-use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo};
+use smtp_proto::{MAIL_SMTPUTF8, MailFrom, RcptTo};
 use std::sync::atomic::Ordering;
 
+/// The MAIL parameters tenso offers in EHLO: SIZE, BODY (7BIT or 8BITMIME only) and
+/// SMTPUTF8. RCPT has none.
+///
+/// DSN (RFC 3461) is not offered, so RET, ENVID, NOTIFY and ORCPT are refused, like
+/// BODY=BINARYMIME and everything else not offered. Under proposal 2 tenso rewrites
+/// MAIL FROM to the alias: every later report about a forwarded copy goes to the alias
+/// (its pool or its owner), never to the original sender, so the sender's NOTIFY and
+/// RET could not be honoured — accepting them would promise what cannot be kept (a
+/// NOTIFY=NEVER silently ignored). Clients only send them after seeing DSN in EHLO
+/// (RFC 3461 §4), so refusing costs nothing to a correct one.
+const MAIL_PARAMS: &[&str] = &["SIZE", "BODY", "SMTPUTF8"];
+const RCPT_PARAMS: &[&str] = &[];
+
+/// The first parameter in a MAIL/RCPT line that tenso did not offer (`NOTIFY`,
+/// `BODY=BINARYMIME`), uppercased and cut to printable ASCII for the reply.
+fn unoffered_param(params: &str, offered: &[&str]) -> Option<String> {
+    for p in params.split_ascii_whitespace() {
+        let (keyword, value) = p.split_once('=').unwrap_or((p, ""));
+        let keyword = keyword.to_ascii_uppercase();
+        let body_ok = ["7BIT", "8BITMIME"]
+            .iter()
+            .any(|v| value.eq_ignore_ascii_case(v));
+        let bad = if !offered.contains(&keyword.as_str()) {
+            keyword
+        } else if keyword == "BODY" && !body_ok {
+            format!("BODY={}", value.to_ascii_uppercase())
+        } else {
+            continue;
+        };
+        return Some(
+            bad.chars()
+                .filter(char::is_ascii_graphic)
+                .take(40)
+                .collect(),
+        );
+    }
+    None
+}
+
 impl Session {
+    /// 555 5.5.4 for a parameter tenso did not offer (RFC 5321 §4.1.1.11), and for
+    /// any parameter after HELO (nothing is offered without EHLO).
+    fn check_params(&mut self, line: &str, offered: &[&str]) -> Option<Reply> {
+        let params = split_path(line).map_or("", |(_, p)| p);
+        if params.trim().is_empty() {
+            return None;
+        }
+        if !self.esmtp {
+            return Some(Reply::new(555, "5.5.4", "parameters need EHLO"));
+        }
+        let bad = unoffered_param(params, offered)?;
+        tracing::info!(client = %self.peer.ip(), param = %bad, "parameter not offered, refused");
+        Some(Reply::new(
+            555,
+            "5.5.4",
+            format!("{bad} parameter not supported"),
+        ))
+    }
+
     pub(super) async fn handle_mail(&mut self, line: &str, from: MailFrom<String>) {
         if self.helo.is_none() {
             return self.reply(Reply::new(503, "5.5.1", "send EHLO or HELO first"));
@@ -35,10 +93,10 @@ impl Session {
                 format!("too many messages in one session (at most {max_msgs}), reconnect"),
             ));
         }
-        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
-        if !self.esmtp && (from.flags != 0 || from.size != 0) {
-            return self.reply(Reply::new(555, "5.5.4", "parameters need EHLO"));
+        if let Some(reply) = self.check_params(line, MAIL_PARAMS) {
+            return self.reply(reply);
         }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         let max = self.ctx.cfg.smtp.max_message_size;
         if from.size > max {
             self.ctx.counters.too_big.fetch_add(1, Ordering::Relaxed);
@@ -101,17 +159,19 @@ impl Session {
             reputation,
             reverse_path,
             smtputf8,
-            eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
-            env_id: from.env_id,
             targets: Vec::new(),
         });
         self.reply(Reply::new(250, "2.1.0", "Ok"));
     }
 
     pub(super) fn handle_rcpt(&mut self, line: &str, _to: RcptTo<String>) {
-        let Some(tx) = &self.tx else {
+        if self.tx.is_none() {
             return self.reply(Reply::new(503, "5.5.1", "need MAIL before RCPT"));
-        };
+        }
+        if let Some(reply) = self.check_params(line, RCPT_PARAMS) {
+            return self.reply(reply);
+        }
+        let Some(tx) = &self.tx else { return };
         let max = self.ctx.cfg.smtp.max_recipients;
         if tx.targets.len() >= max {
             self.ctx

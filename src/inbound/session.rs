@@ -27,8 +27,6 @@ pub(super) struct Transaction {
     /// Hits of `record` reputation lists, noted on the forwarded copy.
     pub reputation: Vec<crate::policy::reputation::Hit>,
     pub smtputf8: bool,
-    pub eight_bit: bool,
-    pub env_id: Option<String>,
     pub targets: Vec<Target>,
 }
 

@@ -429,11 +429,14 @@ impl Worker {
                 || rcpts.iter().any(|r| !r.is_ascii())
                 || (env.smtputf8 && !headers_ascii);
             let mut message = Vec::with_capacity(body.len() + trace.len() + 16);
-            message.extend_from_slice(format!("Delivered-To: {trace}\r\n").as_bytes());
+            // A copy made for no alias (a 1b DSN to a sender) carries no Delivered-To;
+            // a trace from an old envelope is never allowed to break the header.
+            if !trace.is_empty() && !trace.contains(|c: char| c.is_control()) {
+                message.extend_from_slice(format!("Delivered-To: {trace}\r\n").as_bytes());
+            }
             message.extend_from_slice(&body);
             let delivery = self.delivery.clone();
             let id = env.id.clone();
-            let eight_bit = env.eight_bit;
             set.spawn(async move {
                 let job = Job {
                     queue_id: &id,
@@ -442,7 +445,6 @@ impl Worker {
                     rcpts,
                     message: &message,
                     needs_smtputf8,
-                    eight_bit,
                     env_id: Some(&id),
                 };
                 let report = delivery.deliver(&job).await;

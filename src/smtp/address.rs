@@ -76,8 +76,7 @@ fn is_quotable(c: char) -> bool {
 /// RFC 5321 Dot-string: atoms of atext joined by single dots.
 fn is_dot_string(l: &str) -> bool {
     !l.is_empty()
-        && l
-            .split('.')
+        && l.split('.')
             .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
 }
 
@@ -121,9 +120,7 @@ fn read_quoted(s: &str) -> Result<(String, &str), AddressError> {
             '"' => return Ok((out, &body[i + 1..])),
             c if is_quotable(c) => out.push(c),
             _ => {
-                return Err(AddressError::Syntax(
-                    "control character in quoted string",
-                ));
+                return Err(AddressError::Syntax("control character in quoted string"));
             }
         }
     }
@@ -238,14 +235,10 @@ impl fmt::Display for Mailbox {
 /// `%`, `!` or `@` in the local part — the routing forms open relays once followed.
 pub fn check_alias(m: &Mailbox) -> Result<(), AddressError> {
     if m.is_address_literal() {
-        return Err(AddressError::NotAlias(
-            "address literals are not accepted",
-        ));
+        return Err(AddressError::NotAlias("address literals are not accepted"));
     }
     if m.local.contains(['%', '!']) {
-        return Err(AddressError::NotAlias(
-            "% and ! routing is not supported",
-        ));
+        return Err(AddressError::NotAlias("% and ! routing is not supported"));
     }
     if m.local.contains('@') {
         return Err(AddressError::NotAlias("quoted local part holding @"));
@@ -377,6 +370,12 @@ pub fn parse_path(inner: &str, allow_utf8: bool) -> Result<Path, AddressError> {
 /// Finds the path text between `<` and `>` in a MAIL/RCPT command line, honouring
 /// quoted strings (a `>` inside quotes does not end the path).
 pub fn extract_path(line: &str) -> Option<&str> {
+    split_path(line).map(|(path, _)| path)
+}
+
+/// The path text between `<` and `>` (as [`extract_path`]) and the parameter text
+/// after the `>`.
+pub fn split_path(line: &str) -> Option<(&str, &str)> {
     let start = line.find('<')? + 1;
     let mut in_quote = false;
     let mut escaped = false;
@@ -385,7 +384,7 @@ pub fn extract_path(line: &str) -> Option<&str> {
             _ if escaped => escaped = false,
             '\\' if in_quote => escaped = true,
             '"' => in_quote = !in_quote,
-            '>' if !in_quote => return Some(&line[start..start + i]),
+            '>' if !in_quote => return Some((&line[start..start + i], &line[start + i + 1..])),
             _ => {}
         }
     }
@@ -669,6 +668,10 @@ mod tests {
         assert_eq!(extract_path("MAIL FROM:<a@b> SIZE=1"), Some("a@b"));
         assert_eq!(extract_path("RCPT TO:<\"a>b\"@c>"), Some("\"a>b\"@c"));
         assert_eq!(extract_path("RCPT TO:a@b"), None);
+        assert_eq!(
+            split_path("RCPT TO:<\"a>b\"@c> NOTIFY=NEVER"),
+            Some(("\"a>b\"@c", " NOTIFY=NEVER"))
+        );
     }
 
     #[test]

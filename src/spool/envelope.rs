@@ -62,6 +62,10 @@ pub struct Rcpt {
     /// The failure of this recipient has been reported (DSN stored, or none due).
     #[serde(default)]
     pub reported: bool,
+    /// Proposal 1b: an unknown recipient accepted under `unknown_recipient =
+    /// "accept"`; its failure is reported to the original sender, not to an alias.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
 }
 
 impl Rcpt {
@@ -172,6 +176,7 @@ impl Envelope {
                 remote_mta: None,
                 warned: false,
                 reported: false,
+                unknown: false,
             }],
             notes: Vec::new(),
         }

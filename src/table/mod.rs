@@ -802,8 +802,12 @@ mod tests {
         );
         assert_eq!(t.count(), 0);
         // A destination is stored in its written form too.
-        t.add("ok@alias.test", &s(&["\"a b\"@dest.test"]), BouncePolicy::Pool)
-            .unwrap();
+        t.add(
+            "ok@alias.test",
+            &s(&["\"a b\"@dest.test"]),
+            BouncePolicy::Pool,
+        )
+        .unwrap();
         let e = t
             .update("ok@alias.test", |e| e.dests = s(&["\"x>y\"@dest.test"]))
             .unwrap();

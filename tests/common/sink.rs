@@ -188,6 +188,7 @@ pub struct SinkBuilder {
     rcpt_policy: RcptPolicy,
     data_policy: DataPolicy,
     data_delay: Option<Duration>,
+    open_data_without_recipients: bool,
 }
 
 impl SinkBuilder {
@@ -275,6 +276,15 @@ impl SinkBuilder {
         self
     }
 
+    /// Answers 354 to DATA even when no RCPT of the transaction was accepted, as some
+    /// servers do despite RFC 2920 §3.1; the client must then send a lone `.`. What
+    /// comes before that dot is recorded as a transaction without recipients, answered
+    /// `554 5.5.1 no valid recipients` (so [`TestSink::messages`] never lists it).
+    pub fn open_data_without_recipients(mut self, on: bool) -> Self {
+        self.open_data_without_recipients = on;
+        self
+    }
+
     /// Waits this long after the final `.` before replying (for client timeout tests).
     pub fn data_delay(mut self, delay: Duration) -> Self {
         self.data_delay = Some(delay);
@@ -331,6 +341,7 @@ impl TestSink {
             rcpt_policy: Arc::new(|_, _| Reply::new(250, "2.1.5 OK")),
             data_policy: Arc::new(|_, n| Reply::new(250, format!("2.0.0 queued as {n}"))),
             data_delay: None,
+            open_data_without_recipients: false,
         }
     }
 
@@ -791,7 +802,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     reply!(Reply::new(503, "5.5.1 need MAIL before DATA"));
                     continue;
                 }
-                if txn.rcpts.is_empty() {
+                if txn.rcpts.is_empty() && !cfg.open_data_without_recipients {
                     reply!(Reply::new(554, "5.5.1 no valid recipients"));
                     continue;
                 }
@@ -824,6 +835,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let number = ctx.state.txn_counter.fetch_add(1, Ordering::SeqCst) + 1;
                 let r = match cfg.size {
+                    _ if delivered.rcpts.is_empty() => Reply::new(554, "5.5.1 no valid recipients"),
                     Some(limit) if limit > 0 && delivered.data.len() as u64 > limit => {
                         Reply::new(552, "5.3.4 message size exceeds fixed limit")
                     }
