@@ -7,9 +7,9 @@
 //!
 //! Each case is one SMTP transaction from 127.0.0.1 with `EHLO <spf domain>`, so both
 //! identities give the intended result (a null sender is checked as postmaster@HELO).
-//! "No bounce" is not a timeout: tenso commits a DSN before it answers 250, so once its
-//! queue is empty every DSN it made has reached the senders' sink, and the sink's list
-//! is complete.
+//! "No bounce" is not a timeout: the DSN is made by the queue from the committed message,
+//! which leaves the queue only after its DSN is committed, so once the queue is empty
+//! every DSN tenso made has reached the senders' sink, and the sink's list is complete.
 
 mod auth_support;
 mod common;
