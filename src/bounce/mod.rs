@@ -337,8 +337,9 @@ impl Bounce {
             };
             let now = crate::time::unix_now();
             let mut body = format!(
-                "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{alias}>\r\nSubject: {n} bounce(s) waiting in your forwarding pool\r\nDate: {date}\r\nMessage-ID: <digest.{now}.{id}@{host}>\r\nAuto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
+                "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: {to}\r\nSubject: {n} bounce(s) waiting in your forwarding pool\r\nDate: {date}\r\nMessage-ID: <digest.{now}.{id}@{host}>\r\nAuto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
                 host = self.cfg.hostname,
+                to = digest_to(&alias),
                 n = list.len(),
                 date = crate::time::rfc5322_date(now),
                 id = self.spool.new_id(),
@@ -473,5 +474,31 @@ impl Bounce {
             }
         }
         Ok(out)
+    }
+}
+
+/// The `To:` of a digest: the alias in its written form, or an empty group for a
+/// catch-all (`@domain` is no address) or a name that cannot be written.
+fn digest_to(alias: &str) -> String {
+    match crate::smtp::address::Mailbox::parse(alias).and_then(|m| m.written()) {
+        Ok(w) => format!("<{w}>"),
+        Err(_) => "undisclosed-recipients:;".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn digest_to_is_an_address_or_an_empty_group() {
+        assert_eq!(super::digest_to("alice@alias.test"), "<alice@alias.test>");
+        assert_eq!(
+            super::digest_to("\"a b\"@alias.test"),
+            "<\"a b\"@alias.test>"
+        );
+        assert_eq!(super::digest_to("@catch.test"), "undisclosed-recipients:;");
+        assert_eq!(
+            super::digest_to("x\r\ny@z.test"),
+            "undisclosed-recipients:;"
+        );
     }
 }
