@@ -290,3 +290,32 @@ impl Session {
         Reply::new(250, "2.1.5", "Ok")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_not_offered() {
+        let cases: &[(&str, &[&str], Option<&str>)] = &[
+            ("", MAIL_PARAMS, None),
+            (" SIZE=10 BODY=8BITMIME SMTPUTF8", MAIL_PARAMS, None),
+            (" size=10 body=7bit", MAIL_PARAMS, None),
+            (" BODY=BINARYMIME", MAIL_PARAMS, Some("BODY=BINARYMIME")),
+            (" SIZE=1 RET=HDRS", MAIL_PARAMS, Some("RET")),
+            (" envid=x", MAIL_PARAMS, Some("ENVID")),
+            (" MT-PRIORITY=0", MAIL_PARAMS, Some("MT-PRIORITY")),
+            (" NOTIFY=NEVER", RCPT_PARAMS, Some("NOTIFY")),
+            (" ORCPT=rfc822;a@b", RCPT_PARAMS, Some("ORCPT")),
+            (" SIZE=1", RCPT_PARAMS, Some("SIZE")),
+            (" X\u{7}Y=1", MAIL_PARAMS, Some("XY")),
+        ];
+        for (params, offered, want) in cases {
+            assert_eq!(
+                unoffered_param(params, offered).as_deref(),
+                *want,
+                "{params:?}"
+            );
+        }
+    }
+}
