@@ -161,6 +161,13 @@ pub struct AuthConfig {
     pub authserv_id: Option<String>,
     /// The forwarder's outbound IPs, for `tenso dns` (default: the hostname's A/AAAA).
     pub outbound_ips: Vec<std::net::IpAddr>,
+    /// Time the MAIL stage's DNS lookups (SPF of HELO and MAIL FROM, reputation zones,
+    /// all in parallel) may take; what has not answered by then is a temperror.
+    #[serde(with = "humantime_serde")]
+    pub mail_deadline: Duration,
+    /// Time the end-of-DATA checks (DKIM, DMARC, ARC) may take; then temperror.
+    #[serde(with = "humantime_serde")]
+    pub data_deadline: Duration,
 }
 
 impl Default for AuthConfig {
@@ -175,6 +182,8 @@ impl Default for AuthConfig {
             dmarc_preflight_quarantine: false,
             authserv_id: None,
             outbound_ips: Vec::new(),
+            mail_deadline: Duration::from_millis(2500),
+            data_deadline: Duration::from_secs(5),
         }
     }
 }
@@ -308,8 +317,15 @@ pub struct DkimConfig {
 pub struct DnsConfig {
     /// `ip:port` of recursive resolvers; empty = the system's resolv.conf.
     pub nameservers: Vec<SocketAddr>,
+    /// Wait for the answer to one DNS query (one try).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Tries per query (1 = no retry); a lookup waits at most `timeout` × `attempts`.
+    pub attempts: usize,
+    /// How long a lookup that timed out or failed is remembered as a temperror, so a
+    /// flood of mail naming a broken domain does not ask again; "0s" disables it.
+    #[serde(with = "humantime_serde")]
+    pub temperror_cache: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,6 +507,8 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Duration::from_secs(5),
+            attempts: 2,
+            temperror_cache: Duration::from_secs(60),
         }
     }
 }
@@ -599,6 +617,15 @@ impl Config {
         }
         if self.smtp.max_message_size < 1024 {
             return bad("[smtp] max_message_size must be at least 1024 bytes".into());
+        }
+        if !(1..=10).contains(&self.dns.attempts) {
+            return bad("[dns] attempts must be between 1 and 10".into());
+        }
+        if self.dns.timeout.is_zero() {
+            return bad("[dns] timeout must be more than 0s".into());
+        }
+        if self.auth.mail_deadline.is_zero() || self.auth.data_deadline.is_zero() {
+            return bad("[auth] mail_deadline and data_deadline must be more than 0s".into());
         }
         if self.queue.retry.is_empty() {
             return bad("[queue] retry needs at least one duration".into());

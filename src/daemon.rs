@@ -96,7 +96,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         pool: bounce.pool.clone(),
         status: Arc::new(move || {
             serde_json::json!({
-                "inbound": status_inbound.counters.snapshot(),
+                "inbound": status_inbound.snapshot(),
                 "queue": status_queue.snapshot(),
                 "bounce": status_bounce.counters.snapshot(),
                 "pool": {

@@ -1,15 +1,35 @@
 //! The one DNS resolver of the process (hickory), shared by delivery (MX, A/AAAA) and
-//! authentication (SPF, DKIM, DMARC through mail-auth), so both see one cache.
+//! authentication (SPF, reputation through [`Dns`]; DKIM, DMARC, ARC through mail-auth),
+//! so all see one cache.
 //!
 //! Built from `[dns] nameservers` (any `ip:port`, so tests aim it at a loopback
-//! server), or from the system's resolv.conf when that list is empty.
+//! server), or from the system's resolv.conf when that list is empty. `[dns] timeout`
+//! bounds one query and `[dns] attempts` counts tries (hickory's own `attempts` counts
+//! retries: 1 try = 0 retries).
+//!
+//! [`Dns`] is the front the policy checks use: every lookup ends by a deadline the
+//! caller gives (the stage's), classifies the answer as records, void (NXDOMAIN or
+//! NODATA) or a temporary failure, and remembers a temporary failure of a name and
+//! type for `[dns] temperror_cache` in a bounded map, so a flood of mail naming a
+//! broken domain costs one wait, not one per message. It never blocks longer than the
+//! deadline and never retries on its own.
 
-use crate::config::Config;
+use crate::config::{Config, DnsConfig};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
 
 pub type Resolver = TokioResolver;
+
+/// How many (name, type) temperrors [`Dns`] remembers at most.
+pub const TEMPERROR_CACHE_ENTRIES: u64 = 10_000;
 
 pub fn build(cfg: &Config) -> Result<Resolver, String> {
     let provider = TokioRuntimeProvider::default();
@@ -40,7 +60,8 @@ pub fn build(cfg: &Config) -> Result<Resolver, String> {
     };
     let opts = builder.options_mut();
     opts.timeout = cfg.dns.timeout;
-    opts.attempts = 2;
+    // hickory's `attempts` is the number of retries after the first try.
+    opts.attempts = cfg.dns.attempts.saturating_sub(1);
     // The cache honours each record's TTL; reputation lookups rely on it.
     opts.cache_size = 10_000;
     // Mail domains are fully qualified: never append a search domain.
@@ -48,4 +69,239 @@ pub fn build(cfg: &Config) -> Result<Resolver, String> {
     builder
         .build()
         .map_err(|e| format!("building resolver: {e}"))
+}
+
+/// Why a lookup gave no answer. Every variant is temporary (RFC 7208 `temperror`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DnsFailure {
+    #[error("DNS lookup of {0} timed out")]
+    Timeout(String),
+    #[error("DNS lookup of {0} failed: {1}")]
+    Failed(String, String),
+    #[error("DNS lookup of {0} failed recently; not asked again yet")]
+    Remembered(String),
+}
+
+/// What a successful lookup found; an empty list is a void lookup (NXDOMAIN or NODATA).
+pub type Answer<T> = Result<Vec<T>, DnsFailure>;
+
+/// The policy checks' view of the resolver (cheap to clone).
+#[derive(Clone)]
+pub struct Dns {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    resolver: Resolver,
+    /// (lowercase name, type) → a temporary failure seen within the TTL.
+    failed: Option<moka::sync::Cache<(String, RecordType), DnsFailure>>,
+    timeouts: AtomicU64,
+}
+
+impl Dns {
+    pub fn new(resolver: Resolver, cfg: &DnsConfig) -> Dns {
+        Dns::with_memory(resolver, cfg.temperror_cache)
+    }
+
+    /// `remember` = how long a temporary failure is remembered (zero: not at all).
+    pub fn with_memory(resolver: Resolver, remember: Duration) -> Dns {
+        let failed = (!remember.is_zero()).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(TEMPERROR_CACHE_ENTRIES)
+                .time_to_live(remember)
+                .build()
+        });
+        Dns {
+            inner: Arc::new(Inner {
+                resolver,
+                failed,
+                timeouts: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn resolver(&self) -> &Resolver {
+        &self.inner.resolver
+    }
+
+    /// Lookups (and stage deadlines, see [`Dns::note_timeout`]) that ran out of time.
+    pub fn timeouts(&self) -> u64 {
+        self.inner.timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Counts a wait that ran out of time outside [`Dns`] (a stage deadline).
+    pub fn note_timeout(&self) {
+        self.inner.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// TXT records, each the concatenation of its character-strings (RFC 7208 §3.3).
+    pub async fn txt(&self, name: &str, deadline: Instant) -> Answer<Vec<u8>> {
+        let records = self.lookup(name, RecordType::TXT, deadline).await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::TXT(t) => Some(t.txt_data.iter().flat_map(|s| s.iter().copied()).collect()),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub async fn a(&self, name: &str, deadline: Instant) -> Answer<Ipv4Addr> {
+        let records = self.lookup(name, RecordType::A, deadline).await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub async fn aaaa(&self, name: &str, deadline: Instant) -> Answer<Ipv6Addr> {
+        let records = self.lookup(name, RecordType::AAAA, deadline).await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::AAAA(a) => Some(a.0),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The addresses of `name` in the family of `like` (A for IPv4, AAAA for IPv6).
+    pub async fn addresses(&self, name: &str, like: IpAddr, deadline: Instant) -> Answer<IpAddr> {
+        Ok(match like {
+            IpAddr::V4(_) => self
+                .a(name, deadline)
+                .await?
+                .into_iter()
+                .map(IpAddr::V4)
+                .collect(),
+            IpAddr::V6(_) => self
+                .aaaa(name, deadline)
+                .await?
+                .into_iter()
+                .map(IpAddr::V6)
+                .collect(),
+        })
+    }
+
+    /// MX exchanges in the order received (preference is irrelevant to SPF).
+    pub async fn mx(&self, name: &str, deadline: Instant) -> Answer<String> {
+        let records = self.lookup(name, RecordType::MX, deadline).await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::MX(mx) => Some(raw_name(&mx.exchange)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// PTR names of `ip` (in-addr.arpa / ip6.arpa), in the order received.
+    pub async fn ptr(&self, ip: IpAddr, deadline: Instant) -> Answer<String> {
+        let name = Name::from(ip);
+        let records = self
+            .lookup_name(
+                Some(name.clone()),
+                &raw_name(&name),
+                RecordType::PTR,
+                deadline,
+            )
+            .await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::PTR(p) => Some(raw_name(&p.0)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn lookup(&self, name: &str, rtype: RecordType, deadline: Instant) -> Answer<RData> {
+        self.lookup_name(query_name(name), name, rtype, deadline)
+            .await
+    }
+
+    /// One query, bounded by `deadline`; a temporary failure is remembered. `qname`
+    /// None: not a name DNS can carry, so nothing can exist there.
+    async fn lookup_name(
+        &self,
+        qname: Option<Name>,
+        name: &str,
+        rtype: RecordType,
+        deadline: Instant,
+    ) -> Answer<RData> {
+        let key = (name.trim_end_matches('.').to_ascii_lowercase(), rtype);
+        let shown = format!("{} {rtype}", key.0);
+        if let Some(failed) = &self.inner.failed
+            && let Some(f) = failed.get(&key)
+        {
+            tracing::debug!(lookup = %shown, failure = %f, "DNS temperror remembered");
+            return Err(DnsFailure::Remembered(shown));
+        }
+        let Some(qname) = qname else {
+            return Ok(Vec::new());
+        };
+        if Instant::now() >= deadline {
+            // Never asked: nothing to count or remember.
+            return Err(DnsFailure::Timeout(shown));
+        }
+        let r = tokio::time::timeout_at(deadline, self.inner.resolver.lookup(qname, rtype)).await;
+        let failure = match r {
+            Ok(Ok(l)) => return Ok(l.answers().iter().map(|r| r.data.clone()).collect()),
+            Ok(Err(e)) if e.is_no_records_found() => return Ok(Vec::new()),
+            Ok(Err(NetError::Timeout)) | Err(_) => {
+                self.note_timeout();
+                DnsFailure::Timeout(shown)
+            }
+            Ok(Err(e)) => DnsFailure::Failed(shown, e.to_string()),
+        };
+        if let Some(failed) = &self.inner.failed {
+            failed.insert(key, failure.clone());
+        }
+        Err(failure)
+    }
+}
+
+/// The labels of `name` as they are on the wire, joined by dots (no escaping, no
+/// trailing dot): SPF compares and expands names, it does not print them.
+pub fn raw_name(name: &Name) -> String {
+    name.iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// A fully qualified query name from raw labels (SPF macro expansion may produce any
+/// visible character); None when a label is empty or longer than 63 octets, or the
+/// name is longer than 253.
+pub fn query_name(name: &str) -> Option<Name> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return None;
+    }
+    let labels: Vec<&[u8]> = name.split('.').map(str::as_bytes).collect();
+    if labels.iter().any(|l| l.is_empty() || l.len() > 63) {
+        return None;
+    }
+    let mut n = Name::from_labels(labels).ok()?;
+    n.set_fqdn(true);
+    Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_names() {
+        assert!(query_name("example.com").is_some());
+        assert!(query_name("example.com.").is_some());
+        assert!(query_name("macro%percent  space%20url-space.example.com").is_some());
+        assert!(query_name("a..b").is_none());
+        assert!(query_name("").is_none());
+        assert!(query_name(&format!("{}.com", "a".repeat(64))).is_none());
+        assert!(query_name(&format!("{}.com", "a".repeat(63))).is_some());
+    }
 }

@@ -2,7 +2,9 @@
 //! server on loopback that publishes every SPF outcome:
 //! - each result (pass, fail, softfail, neutral, none, permerror, temperror by SERVFAIL
 //!   and by a silent server) is recorded in the forwarded copy's
-//!   `Authentication-Results` and `Received-SPF`, and it follows the client IP;
+//!   `Authentication-Results` and in one `Received-SPF` above tenso's `Received`
+//!   (RFC 7208 §9.1) with the same result and each error named once, and it follows
+//!   the client IP;
 //! - `spf_fail = "reject"` refuses only `fail` (550 5.7.23), softfail is accepted;
 //! - `spf_temperror = "defer"` answers 451 4.7.24 and only for temperror;
 //! - a forged `Authentication-Results` carrying tenso's authserv-id is stripped, foreign
@@ -73,8 +75,17 @@ fn assert_spf_recorded(d: &Delivered, ip: &str, helo: &str, from: &str, want: &s
             rspf[0]
         );
     }
-    // Order: tenso's Received, then Authentication-Results, then Received-SPF, then
-    // the message as it came (its From).
+    // Each error is named once: in `problem=`, not again in the comment.
+    if want == "permerror" || want == "temperror" {
+        let problem = rspf[0]
+            .split("problem=\"")
+            .nth(1)
+            .and_then(|p| p.split("\";").next())
+            .unwrap_or_else(|| panic!("{want} without problem=: {}", rspf[0]));
+        assert_eq!(rspf[0].matches(problem).count(), 1, "{}", rspf[0]);
+    }
+    // Order (RFC 7208 §9.1): Received-SPF above tenso's Received, then
+    // Authentication-Results, then the message as it came (its From).
     let names: Vec<String> = header_fields(&d.data)
         .into_iter()
         .map(|(n, _)| n.to_ascii_lowercase())
@@ -90,10 +101,10 @@ fn assert_spf_recorded(d: &Delivered, ip: &str, helo: &str, from: &str, want: &s
         "first Received is tenso's:\n{text}"
     );
     assert!(
-        pos("received") < pos("authentication-results")
-            && pos("authentication-results") < pos("received-spf")
-            && pos("received-spf") < pos("from"),
-        "header order is Received, Authentication-Results, Received-SPF, original:\n{text}"
+        pos("received-spf") < pos("received")
+            && pos("received") < pos("authentication-results")
+            && pos("authentication-results") < pos("from"),
+        "header order is Received-SPF, Received, Authentication-Results, original:\n{text}"
     );
 }
 

@@ -83,7 +83,7 @@ impl Session {
         let verdict = self
             .ctx
             .auth
-            .check_message(client, &helo, &tx.reverse_path, &tx.spf, &body)
+            .check_end_of_data(client, &helo, &tx.reverse_path, &tx.spf, &body)
             .await;
         if let Some(reply) = verdict.reject {
             self.ctx
@@ -98,6 +98,10 @@ impl Session {
 
         let id = self.ctx.spool.new_id();
         let mut msg = Vec::with_capacity(body.len() + 1024);
+        // RFC 7208 §9.1: Received-SPF goes above the Received field of this hop.
+        if let Some(r) = &tx.spf.received_spf {
+            msg.extend_from_slice(r.as_bytes());
+        }
         self.write_received(&mut msg, &id, &helo, &tx.targets, tx.smtputf8);
         msg.extend_from_slice(&verdict.headers);
         for hit in &tx.reputation {

@@ -120,20 +120,18 @@ impl Session {
             Err(e) => return self.reply(Reply::new(501, "5.1.7", format!("bad sender: {e}"))),
         };
         let helo = self.helo.clone().unwrap_or_default();
-        let spf = self
-            .ctx
-            .auth
-            .check_spf(self.peer.ip(), &helo, &reverse_path)
-            .await;
+        // SPF of both identities and every reputation zone at once, all bounded by one
+        // deadline: a silent resolver costs `mail_deadline`, not a wait per lookup.
+        let deadline = tokio::time::Instant::now() + self.ctx.cfg.auth.mail_deadline;
+        let ip = self.peer.ip();
+        let (spf, mut reputation) = tokio::join!(
+            self.ctx.auth.check_spf(ip, &helo, &reverse_path, deadline),
+            self.ctx.auth.reputation(ip, &reverse_path, deadline)
+        );
         if let Some(reply) = self.ctx.auth.spf_reply(&spf) {
             tracing::info!(client = %self.peer.ip(), from = %reverse_path, reply = %reply, "sender refused by SPF policy");
             return self.reply(reply);
         }
-        let mut reputation = self
-            .ctx
-            .auth
-            .reputation(self.peer.ip(), &reverse_path)
-            .await;
         if let Some(hit) = reputation.iter().find(|h| h.action == ListAction::Reject) {
             self.ctx
                 .counters

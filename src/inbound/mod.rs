@@ -113,6 +113,14 @@ pub struct Parts {
 }
 
 impl Inbound {
+    /// The counters of `tenso status`, with `dns_timeouts`: DNS lookups of the policy
+    /// checks that got no answer in time, and end-of-DATA checks cut by their deadline.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let mut v = self.counters.snapshot();
+        v["dns_timeouts"] = self.auth.dns().timeouts().into();
+        v
+    }
+
     pub fn new(cfg: Arc<Config>, p: Parts) -> Arc<Inbound> {
         Arc::new(Inbound {
             limiter: Limiter::new(&cfg.limits),

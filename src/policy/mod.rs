@@ -1,7 +1,8 @@
 //! Authentication of inbound mail: SPF (HELO and MAIL FROM identities checked
-//! separately), DKIM, DMARC, recorded in `Authentication-Results` and `Received-SPF`
-//! (the talk's "record the results in a header"), the DMARC pre-flight, and
-//! optional ARC sealing. mail-auth does the evaluation over the shared resolver.
+//! separately, by [`spf`]), DKIM, DMARC, recorded in `Authentication-Results` and
+//! `Received-SPF` (the talk's "record the results in a header"), the DMARC pre-flight,
+//! and optional ARC sealing. mail-auth does DKIM, DMARC and ARC over the shared
+//! resolver; [`stage`] bounds each stage's DNS waits by its deadline.
 //!
 //! Decisions are returned as verdicts and replies; this module never touches the
 //! session, the spool or the table. DNS trouble never blocks mail by itself: a
@@ -9,6 +10,8 @@
 
 pub mod dns_check;
 pub mod reputation;
+pub mod spf;
+pub mod stage;
 
 use crate::config::{Config, SpfFailAction, TempErrorAction};
 use crate::smtp::Reply;
@@ -20,7 +23,7 @@ use mail_auth::dkim::Done;
 use mail_auth::dmarc::Policy;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
-    ReceivedSpf, SpfOutput, SpfResult, dmarc::verify::DmarcParameters, spf::verify::SpfParameters,
+    SpfOutput, SpfResult, dmarc::verify::DmarcParameters,
 };
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -30,6 +33,9 @@ use std::sync::Arc;
 pub struct SpfResults {
     pub helo: Option<SpfOutput>,
     pub mail_from: Option<SpfOutput>,
+    /// The `Received-SPF:` field (CRLF-terminated) of the MAIL FROM result, made from
+    /// the same verdict as `spf=… smtp.mailfrom`; written above tenso's `Received:`.
+    pub received_spf: Option<String>,
 }
 
 impl SpfResults {
@@ -61,7 +67,11 @@ pub struct MessageVerdict {
 pub struct Auth {
     cfg: Arc<Config>,
     ma: MessageAuthenticator,
-    resolver: crate::dns::Resolver,
+    /// SPF and reputation lookups: bounded by the stage deadline, temperrors remembered.
+    dns: crate::dns::Dns,
+    spf: spf::Spf,
+    /// Domains whose end-of-DATA checks recently ran out of time.
+    slow: stage::SlowDomains,
     /// ARC sealer with the forwarder's key (`[dkim] arc = true`).
     arc: Option<ArcSealer<DkimKey, Done>>,
 }
@@ -98,10 +108,13 @@ impl Auth {
             _ if d.arc => return Err("[dkim] arc = true needs domain, selector and key".into()),
             _ => None,
         };
+        let dns = crate::dns::Dns::new(resolver.clone(), &cfg.dns);
         Ok(Auth {
+            spf: spf::Spf::new(dns.clone(), cfg.hostname.clone()),
+            slow: stage::SlowDomains::new(cfg.dns.temperror_cache),
+            dns,
             cfg,
-            ma: MessageAuthenticator(resolver.clone()),
-            resolver,
+            ma: MessageAuthenticator(resolver),
             arc,
         })
     }
@@ -110,36 +123,9 @@ impl Auth {
         &self.ma
     }
 
-    /// Checks SPF for the HELO identity and the MAIL FROM identity (RFC 7208 §2.3,
-    /// §2.4). `sender` is the full reverse-path, "" for `<>`.
-    pub async fn check_spf(&self, ip: IpAddr, helo: &str, sender: &str) -> SpfResults {
-        if !self.cfg.auth.spf {
-            return SpfResults::default();
-        }
-        let host = &self.cfg.hostname;
-        let helo_out = self
-            .ma
-            .verify_spf(SpfParameters::verify_ehlo(ip, helo, host))
-            .await;
-        // For `<>` RFC 7208 §2.4 checks postmaster@HELO: mail-auth does that itself.
-        let mf = self
-            .ma
-            .verify_spf(SpfParameters::verify_mail_from(ip, helo, host, sender))
-            .await;
-        SpfResults {
-            helo: Some(helo_out),
-            mail_from: Some(mf),
-        }
-    }
-
-    /// Reputation of the client address and the sender's domain.
-    pub async fn reputation(&self, ip: IpAddr, sender: &str) -> Vec<reputation::Hit> {
-        let r = &self.cfg.reputation;
-        if r.ip_lists.is_empty() && r.domain_ratings.is_empty() {
-            return Vec::new();
-        }
-        let domain = sender.rsplit_once('@').map(|(_, d)| d);
-        reputation::check(r, &self.resolver, ip, domain).await
+    /// The policy checks' resolver front (its `timeouts()` is `dns_timeouts`).
+    pub fn dns(&self) -> &crate::dns::Dns {
+        &self.dns
     }
 
     /// The reply to MAIL when the SPF policy refuses the sender, else None.
@@ -258,13 +244,6 @@ impl Auth {
             }
         }
         v.headers.extend_from_slice(ar.to_header().as_bytes());
-        if let Some(m) = &spf.mail_from {
-            v.headers.extend_from_slice(
-                ReceivedSpf::new(m, ip, helo, sender, &self.cfg.hostname)
-                    .to_header()
-                    .as_bytes(),
-            );
-        }
         v.summary = summary.join(" ");
         v
     }

@@ -2,14 +2,18 @@
 //! client address, and rating zones queried with the MAIL FROM domain for TXT answers
 //! like `"Status: Good"` / `"Rating: 100"`.
 //!
-//! Lookups go through the shared resolver, whose cache honours the records' TTLs.
-//! DNS failure never blocks mail: a list that cannot be asked counts as no hit, and
-//! the failure is logged (fail open).
+//! Lookups go through the shared resolver, whose cache honours the records' TTLs;
+//! every zone is asked at once and each answer waits at most until the MAIL stage's
+//! deadline (a zone that timed out is remembered briefly by [`Dns`] and not asked
+//! again meanwhile). DNS failure never blocks mail: a list that cannot be asked
+//! counts as no hit, and the failure is logged (fail open).
 
+use super::Auth;
 use crate::config::{ListAction, ReputationConfig};
-use crate::dns::Resolver;
-use hickory_resolver::proto::rr::RData;
+use crate::dns::Dns;
+use futures_util::future::join_all;
 use std::net::IpAddr;
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hit {
@@ -64,78 +68,107 @@ pub fn rating_hit(txts: &[String], min: i64) -> Option<String> {
     }
 }
 
-async fn txts(
-    resolver: &Resolver,
-    name: &str,
-) -> Result<Vec<String>, hickory_resolver::net::NetError> {
-    let l = resolver.txt_lookup(name).await?;
-    Ok(l.answers()
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::TXT(t) => Some(
-                t.txt_data
-                    .iter()
-                    .map(|p| String::from_utf8_lossy(p).into_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect())
+impl Auth {
+    /// Reputation of the client address and the sender's domain, bounded by `deadline`.
+    pub async fn reputation(&self, ip: IpAddr, sender: &str, deadline: Instant) -> Vec<Hit> {
+        let r = &self.cfg.reputation;
+        if r.ip_lists.is_empty() && r.domain_ratings.is_empty() {
+            return Vec::new();
+        }
+        let domain = sender.rsplit_once('@').map(|(_, d)| d);
+        check(r, &self.dns, ip, domain, deadline).await
+    }
 }
 
+/// Asks every DNSBL and rating zone in parallel; the hits in configuration order.
 pub async fn check(
     cfg: &ReputationConfig,
-    resolver: &Resolver,
+    dns: &Dns,
     ip: IpAddr,
     sender_domain: Option<&str>,
+    deadline: Instant,
 ) -> Vec<Hit> {
-    let mut hits = Vec::new();
-    for list in &cfg.ip_lists {
-        let name = dnsbl_name(ip, &list.zone);
-        match resolver.ipv4_lookup(name.as_str()).await {
-            Ok(l) if !l.answers().is_empty() => {
-                let reason = txts(resolver, &name)
-                    .await
-                    .ok()
-                    .and_then(|t| t.into_iter().next());
-                hits.push(Hit {
-                    zone: list.zone.clone(),
-                    reason: reason.unwrap_or_else(|| format!("{ip} is listed")),
-                    action: list.action,
-                });
-            }
-            Ok(_) => {}
-            Err(e) if e.is_no_records_found() => {}
-            Err(e) => {
-                tracing::warn!(zone = %list.zone, %ip, error = %e, "DNSBL lookup failed; not blocking (fail open)")
-            }
+    let lists = join_all(
+        cfg.ip_lists
+            .iter()
+            .map(|l| ip_list(dns, ip, &l.zone, l.action, deadline)),
+    );
+    let ratings = join_all(cfg.domain_ratings.iter().filter_map(|r| {
+        let domain = sender_domain?;
+        Some(rating(
+            dns,
+            domain,
+            &r.zone,
+            r.min_rating,
+            r.action,
+            deadline,
+        ))
+    }));
+    let (lists, ratings) = tokio::join!(lists, ratings);
+    lists.into_iter().chain(ratings).flatten().collect()
+}
+
+/// A DNSBL: an A record at the reversed address lists it; its TXT is the reason.
+async fn ip_list(
+    dns: &Dns,
+    ip: IpAddr,
+    zone: &str,
+    action: ListAction,
+    deadline: Instant,
+) -> Option<Hit> {
+    let name = dnsbl_name(ip, zone);
+    match dns.a(&name, deadline).await {
+        Ok(a) if !a.is_empty() => {
+            let reason = dns.txt(&name, deadline).await.ok().and_then(|t| {
+                t.into_iter()
+                    .next()
+                    .map(|r| String::from_utf8_lossy(&r).into_owned())
+            });
+            Some(Hit {
+                zone: zone.to_string(),
+                reason: reason.unwrap_or_else(|| format!("{ip} is listed")),
+                action,
+            })
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(%zone, %ip, error = %e, "DNSBL lookup failed; not blocking (fail open)");
+            None
         }
     }
-    if let Some(domain) = sender_domain {
-        for r in &cfg.domain_ratings {
-            let name = format!(
-                "{}.{}.",
-                domain.trim_end_matches('.'),
-                r.zone.trim_end_matches('.')
-            );
-            match txts(resolver, &name).await {
-                Ok(t) => {
-                    if let Some(reason) = rating_hit(&t, r.min_rating) {
-                        hits.push(Hit {
-                            zone: r.zone.clone(),
-                            reason: format!("{domain}: {reason}"),
-                            action: r.action,
-                        });
-                    }
-                }
-                Err(e) if e.is_no_records_found() => {}
-                Err(e) => {
-                    tracing::warn!(zone = %r.zone, domain, error = %e, "rating lookup failed; not blocking (fail open)")
-                }
-            }
+}
+
+/// A rating zone: TXT `Status:`/`Rating:` at `<domain>.<zone>`.
+async fn rating(
+    dns: &Dns,
+    domain: &str,
+    zone: &str,
+    min: i64,
+    action: ListAction,
+    deadline: Instant,
+) -> Option<Hit> {
+    let name = format!(
+        "{}.{}.",
+        domain.trim_end_matches('.'),
+        zone.trim_end_matches('.')
+    );
+    match dns.txt(&name, deadline).await {
+        Ok(t) => {
+            let t: Vec<String> = t
+                .iter()
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .collect();
+            rating_hit(&t, min).map(|reason| Hit {
+                zone: zone.to_string(),
+                reason: format!("{domain}: {reason}"),
+                action,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(%zone, domain, error = %e, "rating lookup failed; not blocking (fail open)");
+            None
         }
     }
-    hits
 }
 
 #[cfg(test)]

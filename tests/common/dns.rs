@@ -11,6 +11,8 @@
 //!     .txt("alias.test", "v=spf1 ip4:127.0.0.1 ~all")
 //!     .null_mx("nullmx.test")
 //!     .blackhole("slow.test")
+//!     .spf("legacy.test", &["v=spf1 -all"])      // type 99, never asked by tenso
+//!     .timeout_except("half.test", &[RecordType::TXT])  // TXT answered, rest silent
 //!     .start()
 //!     .await;
 //! let toml = dns.resolver_config_toml(); // nameservers = ["127.0.0.1:PORT"]
@@ -29,7 +31,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, SOA, TXT};
+use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, MX, NULL, PTR, SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -46,6 +48,44 @@ pub fn fqdn(name: &str) -> Name {
     let mut n = Name::from_utf8(name).unwrap_or_else(|e| panic!("bad DNS name {name:?}: {e}"));
     n.set_fqdn(true);
     n
+}
+
+/// A name from raw labels, any bytes allowed (for names like `foo:bar/baz.example.com`
+/// or labels with spaces that test data may hold); "" and "." are the root.
+pub fn raw_name(name: &str) -> Name {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() {
+        return Name::root();
+    }
+    let mut n = Name::from_labels(name.split('.').map(str::as_bytes))
+        .unwrap_or_else(|e| panic!("bad DNS name {name:?}: {e}"));
+    n.set_fqdn(true);
+    n
+}
+
+/// TXT record data from character-strings given as bytes (none at all is allowed).
+pub fn txt_strings_rdata(strings: &[Vec<u8>]) -> RData {
+    RData::TXT(TXT::from_bytes(strings.iter().map(Vec::as_slice).collect()))
+}
+
+/// SPF (type 99, RFC 4408) record data: the TXT wire format under the retired type.
+pub fn spf_rdata(strings: &[Vec<u8>]) -> RData {
+    let mut wire = Vec::new();
+    for s in strings {
+        for chunk in s.chunks(255) {
+            wire.push(chunk.len() as u8);
+            wire.extend_from_slice(chunk);
+        }
+    }
+    RData::Unknown {
+        code: RecordType::Unknown(99),
+        // `NULL::with` refuses empty data (an SPF record without strings).
+        rdata: if wire.is_empty() {
+            NULL::new()
+        } else {
+            NULL::with(wire)
+        },
+    }
 }
 
 /// MX record data; `exchange` "." makes a null MX (RFC 7505).
@@ -80,6 +120,7 @@ pub struct TestDnsBuilder {
     records: Vec<(Name, Option<u32>, RData)>,
     blackholes: Vec<Name>,
     servfails: Vec<Name>,
+    timeouts: Vec<(Name, Vec<RecordType>)>,
     ttl: u32,
 }
 
@@ -157,6 +198,25 @@ impl TestDnsBuilder {
         self
     }
 
+    /// Adds any record data at a name taken as raw labels (see [`raw_name`]).
+    pub fn record_raw(mut self, name: &str, rdata: RData) -> Self {
+        self.records.push((raw_name(name), None, rdata));
+        self
+    }
+
+    /// Adds an SPF (type 99) record at `name`; resolvers following RFC 7208 never ask it.
+    pub fn spf(self, name: &str, strings: &[&str]) -> Self {
+        let strings: Vec<Vec<u8>> = strings.iter().map(|s| s.as_bytes().to_vec()).collect();
+        self.record_raw(name, spf_rdata(&strings))
+    }
+
+    /// Queries for exactly `name` (not names below it) are never answered, except for
+    /// the record types in `answered` (the RFC 7208 test suite's `TIMEOUT` entries).
+    pub fn timeout_except(mut self, name: &str, answered: &[RecordType]) -> Self {
+        self.timeouts.push((raw_name(name), answered.to_vec()));
+        self
+    }
+
     /// Queries for `name` or any name below it get SERVFAIL at once (temporary DNS error).
     pub fn servfail(mut self, name: &str) -> Self {
         self.servfails.push(fqdn(name));
@@ -178,7 +238,13 @@ impl TestDnsBuilder {
             1,
         );
         zone.upsert_mut(Record::from_rdata(Name::root(), 3600, RData::SOA(soa)), 1);
+        let mut added: Vec<(Name, RData)> = Vec::new();
         for (name, ttl, rdata) in self.records {
+            // Identical records are one record (an RRset is a set, RFC 2181 §5).
+            if added.iter().any(|(n, r)| *n == name && *r == rdata) {
+                continue;
+            }
+            added.push((name.clone(), rdata.clone()));
             let rec = Record::from_rdata(name.clone(), ttl.unwrap_or(self.ttl), rdata);
             assert!(
                 zone.upsert_mut(rec, 1),
@@ -197,6 +263,11 @@ impl TestDnsBuilder {
             catalog,
             blackholes: self.blackholes.into_iter().map(LowerName::from).collect(),
             servfails: self.servfails.into_iter().map(LowerName::from).collect(),
+            timeouts: self
+                .timeouts
+                .into_iter()
+                .map(|(n, t)| (LowerName::from(n), t))
+                .collect(),
             log: queries.clone(),
         };
 
@@ -243,6 +314,7 @@ impl TestDns {
             records: Vec::new(),
             blackholes: Vec::new(),
             servfails: Vec::new(),
+            timeouts: Vec::new(),
             ttl: DEFAULT_TTL,
         }
     }
@@ -287,8 +359,14 @@ impl TestDns {
         self.resolver_with_timeout(Duration::from_secs(2))
     }
 
-    /// Like [`TestDns::resolver`] with the given per-query timeout (one attempt).
+    /// Like [`TestDns::resolver`] with the given per-query timeout (hickory's
+    /// `attempts = 1`: one retry, so two tries).
     pub fn resolver_with_timeout(&self, timeout: Duration) -> TokioResolver {
+        self.resolver_tries(timeout, 2)
+    }
+
+    /// A resolver aimed at this server: `tries` tries of `timeout` each (at least 1).
+    pub fn resolver_tries(&self, timeout: Duration, tries: usize) -> TokioResolver {
         let mut ns = NameServerConfig::udp_and_tcp(self.addr.ip());
         for conn in &mut ns.connections {
             conn.port = self.addr.port();
@@ -296,7 +374,8 @@ impl TestDns {
         let cfg = ResolverConfig::from_name_servers(vec![ns]);
         let mut opts = ResolverOpts::default();
         opts.timeout = timeout;
-        opts.attempts = 1;
+        // hickory counts retries after the first try.
+        opts.attempts = tries.max(1) - 1;
         opts.cache_size = 0;
         opts.use_hosts_file = ResolveHosts::Never;
         TokioResolver::builder_with_config(cfg, TokioRuntimeProvider::default())
@@ -317,6 +396,7 @@ struct KitHandler {
     catalog: Catalog,
     blackholes: Vec<LowerName>,
     servfails: Vec<LowerName>,
+    timeouts: Vec<(LowerName, Vec<RecordType>)>,
     log: Arc<Mutex<Vec<(String, RecordType)>>>,
 }
 
@@ -344,7 +424,11 @@ impl RequestHandler for KitHandler {
             if let Some((name, qtype)) = first {
                 let shown = name.to_string().trim_end_matches('.').to_ascii_lowercase();
                 self.log.lock().unwrap().push((shown, qtype));
-                if self.blackholes.iter().any(|b| b.zone_of(&name)) {
+                let silent = self
+                    .timeouts
+                    .iter()
+                    .any(|(n, answered)| *n == name && !answered.contains(&qtype));
+                if silent || self.blackholes.iter().any(|b| b.zone_of(&name)) {
                     // Never answer; the task is dropped when the server stops.
                     std::future::pending::<()>().await;
                 }
