@@ -13,16 +13,25 @@
 //! type for `[dns] temperror_cache` in a bounded map, so a flood of mail naming a
 //! broken domain costs one wait, not one per message. It never blocks longer than the
 //! deadline and never retries on its own.
+//!
+//! hickory sends each query from an unconnected UDP socket, where the kernel drops
+//! ICMP "port unreachable": a resolver that is down would cost every lookup its full
+//! timeout. So while a lookup runs, [`Dns`] also sends one small query to each
+//! nameserver from a connected socket, which does see the refusal; when every
+//! nameserver refuses, the lookup fails at once ([`Dns::refusal`]). A nameserver that
+//! answered is not probed again for [`ANSWERING_FRESH`].
 
 use crate::config::{Config, DnsConfig};
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{
+    NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -30,6 +39,29 @@ pub type Resolver = TokioResolver;
 
 /// How many (name, type) temperrors [`Dns`] remembers at most.
 pub const TEMPERROR_CACHE_ENTRIES: u64 = 10_000;
+/// A nameserver that answered a probe is not probed again for this long.
+pub const ANSWERING_FRESH: Duration = Duration::from_secs(30);
+/// Nameservers found refusing are taken as refusing for this long, then probed again.
+pub const REFUSING_FRESH: Duration = Duration::from_secs(2);
+
+/// The UDP addresses of the nameservers `build` aims the resolver at.
+pub fn nameserver_addrs(cfg: &DnsConfig) -> Vec<SocketAddr> {
+    if !cfg.nameservers.is_empty() {
+        return cfg.nameservers.clone();
+    }
+    let Ok((conf, _)) = hickory_resolver::system_conf::read_system_conf() else {
+        return Vec::new();
+    };
+    conf.name_servers()
+        .iter()
+        .flat_map(|ns| {
+            ns.connections
+                .iter()
+                .filter(|c| matches!(c.protocol, ProtocolConfig::Udp))
+                .map(|c| SocketAddr::new(ns.ip, c.port))
+        })
+        .collect()
+}
 
 pub fn build(cfg: &Config) -> Result<Resolver, String> {
     let provider = TokioRuntimeProvider::default();
@@ -96,11 +128,24 @@ struct Inner {
     /// (lowercase name, type) → a temporary failure seen within the TTL.
     failed: Option<moka::sync::Cache<(String, RecordType), DnsFailure>>,
     timeouts: AtomicU64,
+    /// Where the resolver sends its queries (probed for refusals); empty: no probes.
+    servers: Vec<SocketAddr>,
+    /// What the last probe found, and when.
+    health: Mutex<Option<(Health, Instant)>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Answering,
+    Refusing,
 }
 
 impl Dns {
+    /// The front of the daemon's resolver: `[dns] temperror_cache`, nameservers probed.
     pub fn new(resolver: Resolver, cfg: &DnsConfig) -> Dns {
-        Dns::with_memory(resolver, cfg.temperror_cache)
+        let mut d = Dns::with_memory(resolver, cfg.temperror_cache);
+        Arc::get_mut(&mut d.inner).expect("just built").servers = nameserver_addrs(cfg);
+        d
     }
 
     /// `remember` = how long a temporary failure is remembered (zero: not at all).
@@ -116,6 +161,8 @@ impl Dns {
                 resolver,
                 failed,
                 timeouts: AtomicU64::new(0),
+                servers: Vec::new(),
+                health: Mutex::new(None),
             }),
         }
     }
@@ -247,7 +294,13 @@ impl Dns {
             // Never asked: nothing to count or remember.
             return Err(DnsFailure::Timeout(shown));
         }
-        let r = tokio::time::timeout_at(deadline, self.inner.resolver.lookup(qname, rtype)).await;
+        let lookup = tokio::time::timeout_at(deadline, self.inner.resolver.lookup(qname, rtype));
+        let r = tokio::select! {
+            r = lookup => r,
+            () = self.refusal() => {
+                return Err(DnsFailure::Failed(shown, REFUSED.into()));
+            }
+        };
         let failure = match r {
             Ok(Ok(l)) => return Ok(l.answers().iter().map(|r| r.data.clone()).collect()),
             Ok(Err(e)) if e.is_no_records_found() => return Ok(Vec::new()),
@@ -261,6 +314,73 @@ impl Dns {
             failed.insert(key, failure.clone());
         }
         Err(failure)
+    }
+}
+
+const REFUSED: &str = "every nameserver refuses queries (ICMP port unreachable)";
+
+impl Dns {
+    /// Completes when every nameserver refuses queries (found now or moments ago);
+    /// never completes while one answers or stays silent. Race it against waits
+    /// that only DNS can end.
+    pub async fn refusal(&self) {
+        let servers = &self.inner.servers;
+        let fresh = *self.inner.health.lock().expect("health lock");
+        match fresh {
+            _ if servers.is_empty() => {}
+            Some((Health::Refusing, at)) if at.elapsed() < REFUSING_FRESH => return,
+            Some((Health::Answering, at)) if at.elapsed() < ANSWERING_FRESH => {}
+            _ => {
+                let wait = self.inner.resolver.options().timeout;
+                let probes =
+                    futures_util::future::join_all(servers.iter().map(|s| probe(*s, wait)));
+                let found = probes.await;
+                let health = if found.iter().all(|p| *p == Some(Health::Refusing)) {
+                    Some(Health::Refusing)
+                } else if found.contains(&Some(Health::Answering)) {
+                    Some(Health::Answering)
+                } else {
+                    None
+                };
+                if let Some(h) = health {
+                    *self.inner.health.lock().expect("health lock") = Some((h, Instant::now()));
+                    if h == Health::Refusing {
+                        tracing::warn!(servers = ?servers, "{REFUSED}");
+                        return;
+                    }
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// One query for the root's NS from a connected UDP socket: `Refusing` when the
+/// kernel reports ICMP port unreachable, `Answering` on any datagram, None when the
+/// server stays silent for `wait` or the socket cannot be made.
+async fn probe(server: SocketAddr, wait: Duration) -> Option<Health> {
+    // A DNS query (RFC 1035 §4.1): id, RD set, one question: ". IN NS".
+    const QUERY: [u8; 17] = [
+        0x74, 0x65, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1,
+    ];
+    let local: SocketAddr = if server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(local).await.ok()?;
+    sock.connect(server).await.ok()?;
+    let refused = |e: std::io::Error| {
+        (e.kind() == std::io::ErrorKind::ConnectionRefused).then_some(Health::Refusing)
+    };
+    if let Err(e) = sock.send(&QUERY).await {
+        return refused(e);
+    }
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(wait, sock.recv(&mut buf)).await {
+        Ok(Ok(_)) => Some(Health::Answering),
+        Ok(Err(e)) => refused(e),
+        Err(_) => None,
     }
 }
 

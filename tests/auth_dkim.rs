@@ -236,7 +236,7 @@ async fn own_signature_verifies(algorithm: &str) {
         let text = d.text();
         let fields = header_fields(&d.data);
         // Delivered-To (per copy, unsigned), then tenso's DKIM-Signature on top of its
-        // Received and Authentication-Results.
+        // Received-SPF, Received and Authentication-Results.
         assert_eq!(fields[0].0, "Delivered-To", "{text}");
         assert_eq!(fields[1].0, "DKIM-Signature", "{text}");
         assert!(
@@ -244,8 +244,9 @@ async fn own_signature_verifies(algorithm: &str) {
             "{text}"
         );
         assert!(fields[1].1.contains(&format!("a={want_a}")), "{text}");
-        assert_eq!(fields[2].0, "Received", "{text}");
-        assert!(fields[2].1.contains("(tenso)"), "{text}");
+        assert_eq!(fields[2].0, "Received-SPF", "{text}");
+        assert_eq!(fields[3].0, "Received", "{text}");
+        assert!(fields[3].1.contains("(tenso)"), "{text}");
 
         let py = dkimpy_verify(&dns, &d.data).await;
         let mut domains: Vec<&str> = py.iter().map(|s| s.d.as_str()).collect();

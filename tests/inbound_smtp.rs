@@ -787,9 +787,15 @@ async fn swaks_sends_a_message_that_is_accepted() {
     for (name, b) in &bodies {
         assert_eq!(bare_cr_or_lf(b), None, "bare CR/LF in {name}");
         let text = String::from_utf8_lossy(b);
+        // Unfolded field starts: Received-SPF sits above this hop's Received (RFC 7208 §9.1).
+        let first: Vec<&str> = text
+            .split("\r\n")
+            .filter(|l| !l.starts_with([' ', '\t']))
+            .take(2)
+            .collect();
         assert!(
-            text.starts_with("Received: "),
-            "{name}: a Received header is prepended"
+            first[0].starts_with("Received-SPF: ") && first[1].starts_with("Received: "),
+            "{name}: Received-SPF and a Received header are prepended:\n{text}"
         );
     }
 }

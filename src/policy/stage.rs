@@ -6,6 +6,8 @@
 //!
 //! The domains of a message whose checks ran out of time (its From domain and the
 //! `d=` of its signatures) are remembered for `[dns] temperror_cache` in a bounded map;
+//! and when every nameserver refuses queries ([`crate::dns::Dns::refusal`]) the checks
+//! end at once with the same verdict.
 //! while remembered, their next messages are recorded as temperror at once, so a
 //! flood from a broken domain does not wait the deadline once per message. The MAIL
 //! stage needs no such layer: its lookups go through [`crate::dns::Dns`], which bounds
@@ -78,7 +80,16 @@ impl Auth {
             return self.out_of_time(ip, helo, sender, spf, &domains, &why);
         }
         let limit = self.cfg.auth.data_deadline;
-        match tokio::time::timeout(limit, self.check_message(ip, helo, sender, spf, msg)).await {
+        let checks = tokio::time::timeout(limit, self.check_message(ip, helo, sender, spf, msg));
+        let outcome = tokio::select! {
+            r = checks => r,
+            // mail-auth asks the resolver directly; a refusing one would cost the deadline.
+            () = self.dns.refusal() => {
+                let why = "every nameserver refuses queries";
+                return self.out_of_time(ip, helo, sender, spf, &domains, why);
+            }
+        };
+        match outcome {
             Ok(v) => v,
             Err(_) => {
                 self.dns.note_timeout();
