@@ -297,6 +297,7 @@ impl Dns {
         let lookup = tokio::time::timeout_at(deadline, self.inner.resolver.lookup(qname, rtype));
         let r = tokio::select! {
             r = lookup => r,
+            // Not remembered by name: `refusal` keeps the state, briefly.
             () = self.refusal() => {
                 return Err(DnsFailure::Failed(shown, REFUSED.into()));
             }
@@ -413,6 +414,87 @@ pub fn query_name(name: &str) -> Option<Name> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config whose resolver asks only `ns`, one try of `timeout`.
+    fn config(ns: SocketAddr, timeout: Duration) -> Config {
+        let mut cfg = Config::default();
+        cfg.dns.nameservers = vec![ns];
+        cfg.dns.timeout = timeout;
+        cfg.dns.attempts = 1;
+        cfg
+    }
+
+    /// A UDP port on 127.0.0.1 where nothing listens.
+    fn closed_port() -> SocketAddr {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn probes_tell_refusing_answering_and_silent_apart() {
+        let wait = Duration::from_secs(5);
+        assert_eq!(probe(closed_port(), wait).await, Some(Health::Refusing));
+        let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            if let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        assert_eq!(probe(echo_addr, wait).await, Some(Health::Answering));
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        assert_eq!(probe(silent_addr, Duration::from_millis(100)).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_refusing_resolver_fails_the_lookup_not_by_timeout() {
+        let cfg = config(closed_port(), Duration::from_secs(5));
+        let dns = Dns::new(build(&cfg).unwrap(), &cfg.dns);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let r = dns.txt("example.org", deadline).await;
+        assert!(
+            matches!(&r, Err(DnsFailure::Failed(_, why)) if why == REFUSED),
+            "{r:?}"
+        );
+        assert_eq!(dns.timeouts(), 0);
+        // Not remembered by name (the refusal is, for REFUSING_FRESH): a resolver that
+        // comes back is used at once.
+        let again = dns.a("example.org", deadline).await;
+        assert!(
+            matches!(&again, Err(DnsFailure::Failed(_, why)) if why == REFUSED),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_timeout_is_counted_and_remembered_per_name_and_type() {
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(silent.local_addr().unwrap(), Duration::from_secs(5));
+        let dns = Dns::new(build(&cfg).unwrap(), &cfg.dns);
+        let soon = || Instant::now() + Duration::from_millis(200);
+        let r = dns.txt("broken.example", soon()).await;
+        assert!(matches!(r, Err(DnsFailure::Timeout(_))), "{r:?}");
+        assert_eq!(dns.timeouts(), 1);
+        let r = dns.txt("BROKEN.example.", soon()).await;
+        assert!(matches!(r, Err(DnsFailure::Remembered(_))), "{r:?}");
+        // Another type of the same name is asked (and times out) on its own.
+        let r = dns.a("broken.example", soon()).await;
+        assert!(matches!(r, Err(DnsFailure::Timeout(_))), "{r:?}");
+        assert_eq!(dns.timeouts(), 2);
+        // A deadline already past asks nothing and remembers nothing.
+        let r = dns.mx("other.example", Instant::now()).await;
+        assert!(matches!(r, Err(DnsFailure::Timeout(_))), "{r:?}");
+        assert_eq!(dns.timeouts(), 2);
+        let off = Dns::with_memory(build(&cfg).unwrap(), Duration::ZERO);
+        for _ in 0..2 {
+            let r = off.txt("broken.example", soon()).await;
+            assert!(matches!(r, Err(DnsFailure::Timeout(_))), "{r:?}");
+        }
+    }
 
     #[test]
     fn query_names() {

@@ -103,6 +103,7 @@ impl Spf {
         (local, domain): (&str, &str),
         deadline: Instant,
     ) -> Verdict {
+        let domain = &a_labels(domain);
         let mut ctx = eval::Ctx::new(
             &self.dns,
             deadline,
@@ -121,6 +122,17 @@ impl Spf {
             mechanism: e.mechanism,
         }
     }
+}
+
+/// An internationalized domain (SMTPUTF8) as DNS knows it: A-labels (RFC 5890).
+/// Anything IDNA refuses stays as it is, and check_host() finds it invalid or absent.
+fn a_labels(domain: &str) -> String {
+    if domain.is_ascii() {
+        return domain.to_string();
+    }
+    hickory_resolver::proto::rr::Name::from_utf8(domain)
+        .map(|n| n.to_ascii().trim_end_matches('.').to_string())
+        .unwrap_or_else(|_| domain.to_string())
 }
 
 impl Auth {
@@ -254,6 +266,12 @@ mod tests {
             problem: problem.map(String::from),
             mechanism: mechanism.map(String::from),
         }
+    }
+
+    #[test]
+    fn idn_domains_are_checked_as_a_labels() {
+        assert_eq!(a_labels("bücher.example"), "xn--bcher-kva.example");
+        assert_eq!(a_labels("Example.ORG"), "Example.ORG");
     }
 
     #[test]
