@@ -1,29 +1,31 @@
 //! Authentication of inbound mail: SPF (HELO and MAIL FROM identities checked
 //! separately, by [`spf`]), DKIM, DMARC, recorded in `Authentication-Results` and
 //! `Received-SPF` (the talk's "record the results in a header"), the DMARC pre-flight,
-//! and optional ARC sealing. mail-auth does DKIM, DMARC and ARC over the shared
-//! resolver; [`stage`] bounds each stage's DNS waits by its deadline.
+//! and optional ARC sealing. SPF is tenso's own evaluator ([`spf`]); DKIM ([`dkim`]),
+//! DMARC ([`dmarc`]) and ARC ([`arc`], [`seal`]) are tenso's own too, run together by
+//! [`content`]; [`stage`] bounds each stage's DNS waits by its deadline.
 //!
 //! Decisions are returned as verdicts and replies; this module never touches the
 //! session, the spool or the table. DNS trouble never blocks mail by itself: a
 //! temperror is accepted and recorded unless `[auth] spf_temperror = "defer"`.
 
+pub mod arc;
+pub mod content;
+pub mod dkim;
+pub mod dmarc;
 pub mod dns_check;
+pub mod lookup;
 pub mod reputation;
+pub mod seal;
 pub mod spf;
 pub mod stage;
 
 use crate::config::{Config, SpfFailAction, TempErrorAction};
 use crate::smtp::Reply;
 use crate::smtp::header::{fields_raw, header_section};
-use mail_auth::arc::ArcSealer;
-use mail_auth::common::crypto::DkimKey;
 use mail_auth::common::headers::HeaderWriter;
-use mail_auth::dkim::Done;
-use mail_auth::dmarc::Policy;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
-    SpfOutput, SpfResult, dmarc::verify::DmarcParameters,
+    AuthenticationResults, MessageAuthenticator, SpfOutput, SpfResult,
 };
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -73,7 +75,7 @@ pub struct Auth {
     /// Domains whose end-of-DATA checks recently ran out of time.
     slow: stage::SlowDomains,
     /// ARC sealer with the forwarder's key (`[dkim] arc = true`).
-    arc: Option<ArcSealer<DkimKey, Done>>,
+    arc: Option<seal::Sealer>,
 }
 
 pub fn spf_name(r: SpfResult) -> &'static str {
@@ -92,19 +94,9 @@ impl Auth {
     pub fn new(cfg: Arc<Config>, resolver: crate::dns::Resolver) -> Result<Auth, String> {
         let d = &cfg.dkim;
         let arc = match (&d.domain, &d.selector, &d.key) {
-            (Some(domain), Some(selector), Some(key)) if d.arc => Some(
-                ArcSealer::from_key(crate::signing::load_key(key)?)
-                    .domain(domain.clone())
-                    .selector(selector.clone())
-                    .headers([
-                        "From",
-                        "To",
-                        "Subject",
-                        "Date",
-                        "Message-ID",
-                        "DKIM-Signature",
-                    ]),
-            ),
+            (Some(domain), Some(selector), Some(key)) if d.arc => {
+                Some(seal::Sealer::load(key, domain, selector)?)
+            }
             _ if d.arc => return Err("[dkim] arc = true needs domain, selector and key".into()),
             _ => None,
         };
@@ -169,81 +161,48 @@ impl Auth {
                 .with_spf_mailfrom_result(m, ip, sender, helo);
             summary.push(format!("spf={}", spf_name(m.result())));
         }
-        let parsed = AuthenticatedMessage::parse(msg);
-        if self.cfg.auth.dkim
-            && let Some(am) = &parsed
-        {
-            let dkim = self.ma.verify_dkim(am).await;
-            let header_from = am.from.first().map(String::as_str).unwrap_or("");
-            ar = ar.with_dkim_results(&dkim, header_from);
-            let pass = dkim
-                .iter()
-                .filter(|d| d.result() == &DkimResult::Pass)
-                .count();
-            summary.push(format!("dkim={}/{}", pass, dkim.len()));
-            let mf_domain = match sender.rsplit_once('@') {
-                Some((_, d)) => d.to_string(),
-                None => helo.to_string(),
+        let mut clauses = Vec::new();
+        let mut chain = None;
+        if self.cfg.auth.dkim {
+            let spf_domain = match sender.rsplit_once('@') {
+                Some((_, d)) => d,
+                None => helo,
             };
-            // DMARC needs an SPF result; without SPF checking it sees none.
-            let none = SpfOutput::new(mf_domain.clone());
-            let spf_mf = spf.mail_from.as_ref().unwrap_or(&none);
-            let dmarc = self
-                .ma
-                .verify_dmarc(DmarcParameters::new(am, &dkim, &mf_domain, spf_mf))
-                .await;
-            ar = ar.with_dmarc_result(&dmarc);
-            let dkim_aligned = dmarc.dkim_result() == &DmarcResult::Pass;
-            let passed = dkim_aligned || dmarc.spf_result() == &DmarcResult::Pass;
-            summary.push(format!(
-                "dmarc={}",
-                if dmarc.domain().is_empty() || dmarc.dmarc_record().is_none() {
-                    "none"
-                } else if passed {
-                    "pass"
-                } else {
-                    "fail"
-                }
-            ));
-            let strict = match dmarc.policy() {
-                Policy::Reject => true,
-                Policy::Quarantine => self.cfg.auth.dmarc_preflight_quarantine,
-                _ => false,
+            let spf_pass = spf.result() == Some(SpfResult::Pass);
+            let identity = content::SpfIdentity {
+                domain: spf_domain,
+                pass: spf_pass,
             };
-            if dmarc.dmarc_record().is_some() && strict && !dkim_aligned {
-                v.doomed = Some(format!(
-                    "DMARC pre-flight: {} publishes p={} and the message has no valid DKIM signature aligned with From; forwarding would fail DMARC at the destination",
-                    dmarc.domain(),
-                    if dmarc.policy() == Policy::Reject {
-                        "reject"
-                    } else {
-                        "quarantine"
-                    }
-                ));
-            }
-            if self.cfg.auth.dmarc_reject
-                && dmarc.dmarc_record().is_some()
-                && dmarc.policy() == Policy::Reject
-                && !passed
-            {
-                v.reject = Some(Reply::new(
-                    550,
-                    "5.7.1",
-                    format!("DMARC policy of {} rejects this message", dmarc.domain()),
-                ));
+            let now = crate::time::unix_now();
+            let checks = content::check(self.dns.resolver(), msg, &identity, now).await;
+            let decisions = checks.decide(
+                self.cfg.auth.dmarc_preflight_quarantine,
+                self.cfg.auth.dmarc_reject,
+            );
+            clauses = checks.clauses(ip);
+            summary.push(checks.summary());
+            v.doomed = decisions.doomed;
+            v.reject = decisions.reject;
+            chain = Some(checks.arc);
+        }
+        // RFC 8601 §2.2: `authserv-id; resinfo; resinfo` or `authserv-id; none`.
+        let mut results = ar.to_string();
+        if results == authserv && clauses.is_empty() {
+            results.push_str("; none");
+        }
+        for c in &clauses {
+            results.push_str(";\r\n\t");
+            results.push_str(c);
+        }
+        if let (Some(sealer), Some(chain)) = (&self.arc, &chain) {
+            match sealer.seal(msg, chain, &results, crate::time::unix_now()) {
+                Ok(Some(set)) => v.headers.extend_from_slice(&set),
+                Ok(None) => tracing::info!(arc = ?chain.result, "ARC chain not extended"),
+                Err(e) => tracing::warn!(error = %e, "ARC sealing failed"),
             }
         }
-        if let (Some(sealer), Some(am)) = (&self.arc, &parsed) {
-            let arc_out = self.ma.verify_arc(am).await;
-            ar = ar.with_arc_result(&arc_out, ip);
-            if arc_out.can_be_sealed() {
-                match sealer.seal(am, &ar, &arc_out) {
-                    Ok(set) => v.headers.extend_from_slice(set.to_header().as_bytes()),
-                    Err(e) => tracing::warn!(error = %e, "ARC sealing failed"),
-                }
-            }
-        }
-        v.headers.extend_from_slice(ar.to_header().as_bytes());
+        v.headers
+            .extend_from_slice(format!("Authentication-Results: {results}\r\n").as_bytes());
         v.summary = summary.join(" ");
         v
     }
