@@ -502,3 +502,40 @@ pub async fn mail_auth_verify(dns: &TestDns, msg: &[u8]) -> Vec<(String, String,
         })
         .collect()
 }
+
+/// `tests/dkimpy_support/dkimpy.py`: batch signing and verification (DKIM and ARC)
+/// with dkimpy, keys made by openssl and PyNaCl.
+const DKIMPY_SCRIPT: &str = include_str!("../dkimpy_support/dkimpy.py");
+
+/// Runs the dkimpy script with `args` (a mode, see the script), JSON on stdin and
+/// stdout.
+pub async fn dkimpy_script(args: &[&str], input: &Value) -> Value {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(DKIMPY_SCRIPT)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run /usr/bin/python3 (install python3-dkim and openssl: .ci/install-test-deps)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(input.to_string().as_bytes())
+        .await
+        .expect("write to dkimpy");
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("dkimpy did not finish in 120 s")
+        .expect("dkimpy output");
+    assert!(
+        out.status.success(),
+        "dkimpy {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("dkimpy prints JSON")
+}
