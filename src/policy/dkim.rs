@@ -29,11 +29,10 @@
 //! Like dkimpy, an extra From field the signature did not cover makes it fail (a
 //! second From prepended to a signed message must not ride on its signature).
 //!
-//! This module does no I/O of its own except [`verify`], which fetches every key of
-//! the message at once through [`super::lookup`].
+//! This module does no I/O: the keys arrive fetched (all of a message's at once, by
+//! `super::content` through `super::lookup`).
 
-use super::lookup::{self, Txt};
-use crate::dns::Resolver;
+use super::lookup::Txt;
 use aws_lc_rs::digest;
 use aws_lc_rs::signature::{self, UnparsedPublicKey};
 use base64::Engine;
@@ -989,16 +988,6 @@ pub fn verify_all(
         .collect()
 }
 
-/// Verifies every DKIM signature of `msg`, fetching all keys at once. Returns the
-/// verdicts (top first) and how many signatures beyond [`MAX_SIGNATURES`] were left
-/// unverified.
-pub async fn verify(resolver: &Resolver, msg: &[u8], now: i64) -> (Vec<DkimVerdict>, usize) {
-    let m = Message::parse(msg);
-    let (cands, extra) = candidates(&m);
-    let keys = lookup::txt_many(resolver, key_names(&cands)).await;
-    (verify_all(&m, &cands, &keys, now), extra)
-}
-
 // ---------------------------------------------------------------------------------
 // Authentication-Results (RFC 8601 §2.2, RFC 6008 for header.b)
 
@@ -1025,9 +1014,10 @@ pub fn pvalue(v: &str) -> String {
     }
 }
 
-/// One `dkim=` resinfo (without the leading `;`).
+/// One `dkim=` resinfo (without the leading `;`), folded between properties so no
+/// line grows long whatever the message put in its tags.
 pub fn clause(v: &DkimVerdict) -> String {
-    let mut out = format!("dkim={}", v.result.as_str());
+    let mut head = format!("dkim={}", v.result.as_str());
     let mut comments: Vec<String> = Vec::new();
     if let Some(r) = v.reason {
         comments.push(r.to_string());
@@ -1042,8 +1032,9 @@ pub fn clause(v: &DkimVerdict) -> String {
         comments.push("key in testing mode".into());
     }
     if !comments.is_empty() {
-        out.push_str(&format!(" ({})", comments.join(", ")));
+        head.push_str(&format!(" ({})", comments.join(", ")));
     }
+    let mut parts = vec![head];
     for (prop, val) in [
         ("header.d", &v.d),
         ("header.i", &v.i),
@@ -1052,8 +1043,29 @@ pub fn clause(v: &DkimVerdict) -> String {
         ("header.b", &v.b),
     ] {
         if let Some(val) = val {
-            out.push_str(&format!(" {prop}={}", pvalue(val)));
+            parts.push(format!("{prop}={}", pvalue(val)));
         }
+    }
+    fold(&parts)
+}
+
+/// Joins with spaces, starting a new line (CRLF TAB) before a part that would take
+/// the current line past 200 characters.
+pub fn fold(parts: &[String]) -> String {
+    let mut out = String::new();
+    let mut line = 0;
+    for (k, p) in parts.iter().enumerate() {
+        if k > 0 {
+            if line + 1 + p.len() > 200 {
+                out.push_str("\r\n\t");
+                line = 0;
+            } else {
+                out.push(' ');
+                line += 1;
+            }
+        }
+        out.push_str(p);
+        line += p.len();
     }
     out
 }

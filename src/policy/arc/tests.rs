@@ -270,3 +270,27 @@ fn remote_ip_properties() {
         None
     );
 }
+
+proptest::proptest! {
+    /// Any header section made of ARC-looking fields: a verdict, never a panic, and
+    /// never `pass` without keys.
+    #[test]
+    fn prepare_and_verify_never_panic(
+        fields in proptest::collection::vec(
+            (0usize..3, 0u32..5, proptest::sample::select(vec!["none", "pass", "fail", "x"]), "[ -~]{0,20}"),
+            0..8,
+        )
+    ) {
+        let names = ["ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"];
+        let mut msg = String::new();
+        for (k, i, cv, junk) in &fields {
+            msg.push_str(&format!("{}: i={i}; cv={cv}; a=rsa-sha256; d=x.test; s=s; h=from; bh=AAAA; b=AAAA; {junk}\r\n", names[*k]));
+        }
+        msg.push_str("From: a@x.test\r\n\r\nbody\r\n");
+        let m = Message::parse(msg.as_bytes());
+        let p = prepare(&m);
+        let v = verify(&m, &p, &HashMap::new(), NOW);
+        proptest::prop_assert!(v.result != ArcResult::Pass);
+        proptest::prop_assert_eq!(v.result == ArcResult::None, fields.is_empty());
+    }
+}

@@ -609,3 +609,24 @@ proptest! {
         prop_assert_eq!(tags.0, want);
     }
 }
+
+#[test]
+fn long_tag_values_are_folded() {
+    let long = "a".repeat(60);
+    let d = [long.as_str(); 4].join(".");
+    let v = DkimVerdict {
+        result: DkimResult::Pass,
+        reason: None,
+        d: Some(d.clone()),
+        s: Some(d.clone()),
+        i: Some(format!("{}@{d}", "x".repeat(60))),
+        a: Some("rsa-sha256".into()),
+        b: Some("abcdefgh".into()),
+        partial: None,
+        testing: false,
+    };
+    let c = clause(&v);
+    assert!(c.split("\r\n\t").all(|line| line.len() <= 400), "{c}");
+    assert!(c.contains("\r\n\theader.s="), "{c}");
+    assert_eq!(c.replace("\r\n\t", " ").split(' ').count(), 6);
+}
