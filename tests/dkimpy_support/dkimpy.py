@@ -5,9 +5,9 @@
 #                    > {"keys": {name: txt}, "signed": {id: base64}}
 #   dkimpy.py verify PORT < {id: base64}
 #                    > {id: [{"ok": bool, "err": str|null, "d": str, "s": str}]}
-#   dkimpy.py arc-sign < {"message": base64, "hops": [{"srv_id", "domain",
+#   dkimpy.py arc-sign < {"messages": [base64], "hops": [{"srv_id", "domain",
 #                          "selector", "results"}]}
-#                    > {"keys": {name: txt}, "message": base64}
+#                    > {"keys": {name: txt}, "messages": [base64]}
 #   dkimpy.py arc-verify PORT < {id: base64}
 #                    > {id: {"cv": "pass"|"fail"|"none"|null, "reason": str}}
 #
@@ -134,15 +134,18 @@ def verify(port, messages):
 
 def arc_sign(spec):
     private, public = rsa_key(2048)
-    msg = base64.b64decode(spec["message"])
-    for hop in spec["hops"]:
-        msg = b"Authentication-Results: " + hop["results"].encode() + b"\r\n" + msg
-        headers = dkim.arc_sign(msg, hop["selector"].encode(), hop["domain"].encode(),
-                                private, hop["srv_id"].encode())
-        if not headers:
-            raise SystemExit("arc_sign made no ARC set for " + hop["srv_id"])
-        msg = b"".join(headers) + msg
-    return {"keys": {"rsa2048": public}, "message": base64.b64encode(msg).decode()}
+    out = []
+    for b64 in spec["messages"]:
+        msg = base64.b64decode(b64)
+        for hop in spec["hops"]:
+            msg = b"Authentication-Results: " + hop["results"].encode() + b"\r\n" + msg
+            headers = dkim.arc_sign(msg, hop["selector"].encode(), hop["domain"].encode(),
+                                    private, hop["srv_id"].encode())
+            if not headers:
+                raise SystemExit("arc_sign made no ARC set for " + hop["srv_id"])
+            msg = b"".join(headers) + msg
+        out.append(base64.b64encode(msg).decode())
+    return {"keys": {"rsa2048": public}, "messages": out}
 
 
 def arc_verify(port, messages):
