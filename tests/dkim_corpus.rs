@@ -708,6 +708,13 @@ async fn tenso_agrees_with_dkimpy_on_the_corpus() {
                 ));
             }
         }
+        let with_l = c.tenso_signer.is_none() && c.steps.last().is_some_and(|s| s.length);
+        if c.expect[0] == "pass" && with_l != ours[0].1.contains("(l=") {
+            problems.push(format!(
+                "{id}: l= use not recorded as expected: {}",
+                ours[0].1
+            ));
+        }
         let partial = ours[0].1.contains("not signed");
         if partial != c.partial {
             problems.push(format!(

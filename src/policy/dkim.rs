@@ -11,7 +11,7 @@
 //! §2.7.1 says:
 //! - `pass`: the signature verifies with the published key. With `l=` shorter than
 //!   the body it still passes (as dkimpy and RFC 6376 §3.5 say), and the verdict
-//!   records how many body octets it leaves unsigned ([`Partial`]), so decisions can
+//!   records how many body octets it leaves unsigned ([`BodyLength`]), so decisions can
 //!   refuse to treat that content as signed.
 //! - `fail`: the body hash or the signature does not match (the message changed), or
 //!   `l=` claims more body than there is.
@@ -70,9 +70,9 @@ impl DkimResult {
     }
 }
 
-/// A passing signature with `l=` shorter than the canonicalized body.
+/// What `l=` covers of the canonicalized body (`unsigned` is 0 when it all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Partial {
+pub struct BodyLength {
     pub signed: u64,
     pub unsigned: u64,
 }
@@ -90,7 +90,7 @@ pub struct DkimVerdict {
     pub a: Option<String>,
     /// The first characters of `b=` (RFC 6008), to tell signatures apart.
     pub b: Option<String>,
-    pub partial: Option<Partial>,
+    pub body_length: Option<BodyLength>,
     /// The key is flagged `t=y` (testing).
     pub testing: bool,
 }
@@ -98,7 +98,7 @@ pub struct DkimVerdict {
 impl DkimVerdict {
     /// A pass that covers the whole body: the only kind decisions may rely on.
     pub fn passes_whole_body(&self) -> bool {
-        self.result == DkimResult::Pass && self.partial.is_none()
+        self.result == DkimResult::Pass && self.body_length.is_none_or(|l| l.unsigned == 0)
     }
 }
 
@@ -795,12 +795,12 @@ impl Bodies {
     }
 }
 
-/// Checks `bh=`. Ok(Some(partial)) when `l=` leaves body octets unsigned.
+/// Checks `bh=`. Ok(Some(length)) when the signature has `l=`.
 pub fn check_body_hash(
     sig: &Signature,
     body: &[u8],
     bodies: &mut Bodies,
-) -> Result<Option<Partial>, &'static str> {
+) -> Result<Option<BodyLength>, &'static str> {
     let canonical = bodies.get(sig.body_canon, body);
     let total = canonical.len() as u64;
     let signed = match sig.l {
@@ -816,7 +816,7 @@ pub fn check_body_hash(
     if hash.as_ref() != sig.bh.as_slice() {
         return Err("body hash mismatch");
     }
-    Ok((signed < total).then_some(Partial {
+    Ok(sig.l.map(|_| BodyLength {
         signed,
         unsigned: total - signed,
     }))
@@ -870,7 +870,7 @@ fn verdict_for(sig: &Signature) -> DkimVerdict {
         i: sig.i.clone(),
         a: Some(sig.a_text.clone()),
         b: Some(sig.b_text.chars().take(8).collect()),
-        partial: None,
+        body_length: None,
         testing: false,
     }
 }
@@ -885,7 +885,7 @@ fn unparsable_verdict(u: &Unparsable) -> DkimVerdict {
         i: None,
         a: None,
         b: text("b").map(|b| b.chars().filter(|c| !c.is_whitespace()).take(8).collect()),
-        partial: None,
+        body_length: None,
         testing: false,
     }
 }
@@ -893,7 +893,7 @@ fn unparsable_verdict(u: &Unparsable) -> DkimVerdict {
 /// What a verified signature leaves to note.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Checked {
-    pub partial: Option<Partial>,
+    pub body_length: Option<BodyLength>,
     pub testing: bool,
 }
 
@@ -932,7 +932,8 @@ pub fn check_signature(
     {
         return Err((DkimResult::PermError, "key requires i= in d= itself (t=s)"));
     }
-    let partial = check_body_hash(sig, msg.body, bodies).map_err(|why| (DkimResult::Fail, why))?;
+    let body_length =
+        check_body_hash(sig, msg.body, bodies).map_err(|why| (DkimResult::Fail, why))?;
     // dkimpy's defence, kept: one more From than h= lists is hashed too.
     let mut names = sig.h.clone();
     names.push("from".into());
@@ -942,7 +943,7 @@ pub fn check_signature(
         return Err((DkimResult::Fail, "signature did not verify"));
     }
     Ok(Checked {
-        partial,
+        body_length,
         testing: key.testing,
     })
 }
@@ -963,7 +964,7 @@ pub fn verify_candidate(
     let answer = keys.get(&sig.key_name().to_ascii_lowercase());
     match check_signature(msg, sig, msg.fields[cand.field].raw, answer, bodies, now) {
         Ok(c) => {
-            v.partial = c.partial;
+            v.body_length = c.body_length;
             v.testing = c.testing;
         }
         Err((r, why)) => {
@@ -1022,11 +1023,13 @@ pub fn clause(v: &DkimVerdict) -> String {
     if let Some(r) = v.reason {
         comments.push(r.to_string());
     }
-    if let Some(p) = v.partial {
-        comments.push(format!(
+    match v.body_length {
+        Some(l) if l.unsigned > 0 => comments.push(format!(
             "l={}, {} body octets after it not signed",
-            p.signed, p.unsigned
-        ));
+            l.signed, l.unsigned
+        )),
+        Some(l) => comments.push(format!("l={} covers the whole body", l.signed)),
+        None => {}
     }
     if v.testing {
         comments.push("key in testing mode".into());

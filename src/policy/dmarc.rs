@@ -210,7 +210,10 @@ pub async fn discover(resolver: &Resolver, author: &str) -> Discovery {
 /// Whether the `np=` question arises: the record came from the organizational
 /// domain, the author domain is below it, and the record has `np=`.
 pub fn needs_existence(d: &Discovery, author: &str) -> bool {
-    matches!(d, Discovery::Found { record, at } if record.np.is_some() && !at.eq_ignore_ascii_case(author))
+    match d {
+        Discovery::Found { record, at } => record.np.is_some() && !at.eq_ignore_ascii_case(author),
+        _ => false,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -622,7 +622,7 @@ fn long_tag_values_are_folded() {
         i: Some(format!("{}@{d}", "x".repeat(60))),
         a: Some("rsa-sha256".into()),
         b: Some("abcdefgh".into()),
-        partial: None,
+        body_length: None,
         testing: false,
     };
     let c = clause(&v);

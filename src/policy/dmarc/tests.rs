@@ -1,5 +1,5 @@
 use super::*;
-use crate::policy::dkim::Partial;
+use crate::policy::dkim::BodyLength;
 
 #[test]
 fn organizational_domains_follow_the_public_suffix_list() {
@@ -106,7 +106,7 @@ fn dkim(d: &str, result: DkimResult, partial: bool) -> DkimVerdict {
         i: None,
         a: None,
         b: None,
-        partial: partial.then_some(Partial {
+        body_length: partial.then_some(BodyLength {
             signed: 10,
             unsigned: 5,
         }),
