@@ -23,10 +23,7 @@ pub mod stage;
 use crate::config::{Config, SpfFailAction, TempErrorAction};
 use crate::smtp::Reply;
 use crate::smtp::header::{fields_raw, header_section};
-use mail_auth::common::headers::HeaderWriter;
-use mail_auth::{
-    AuthenticationResults, MessageAuthenticator, SpfOutput, SpfResult,
-};
+use mail_auth::{AuthenticationResults, MessageAuthenticator, SpfOutput, SpfResult};
 use std::net::IpAddr;
 use std::sync::Arc;
 
