@@ -58,6 +58,11 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
             if !d["dmarc_preflight"].is_null() {
                 println!("dmarc-preflight: {}", s(&d["dmarc_preflight"]));
             }
+            match (s(&d["spam"]).as_str(), &d["spam_effective"]) {
+                ("default", eff) if !eff.is_null() => println!("spam:     default ({})", s(eff)),
+                (p, _) => println!("spam:     {p}"),
+            }
+            println!("state:    {}", s(&d["state"]));
             if let Some(h) = d["health"].as_array().filter(|h| !h.is_empty()) {
                 println!("destination health:");
                 for e in h {
@@ -78,9 +83,11 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
         Kind::AliasList => {
             for a in d.as_array().into_iter().flatten() {
                 println!(
-                    "{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}",
                     s(&a["alias"]),
                     s(&a["bounce"]),
+                    s(&a["spam"]),
+                    s(&a["state"]),
                     dests(&a["dests"])
                 );
             }

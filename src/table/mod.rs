@@ -10,7 +10,7 @@
 pub mod fwdlog;
 pub mod import;
 
-use crate::config::BouncePolicy;
+use crate::config::{BouncePolicy, SpamPolicy};
 use crate::smtp::address::{Mailbox, check_alias};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -50,6 +50,59 @@ pub struct AliasEntry {
     pub dmarc_preflight: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health: Vec<DestHealth>,
+    /// Own spam policy; None follows `[spam] default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spam: Option<SpamPolicy>,
+    #[serde(default, skip_serializing_if = "AliasState::is_active")]
+    pub state: AliasState,
+}
+
+/// Whether an alias takes mail (`tenso user set --state`). Acts at RCPT for the alias
+/// named there; inside an alias chain a disabled alias's branch is dropped (see
+/// [`crate::forward::expand`]). A disabled alias costs no delivery attempt, no bounce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AliasState {
+    #[default]
+    Active,
+    /// 250, then dropped (counted `alias_discarded`).
+    Discard,
+    /// 450 4.2.1 at RCPT.
+    Defer,
+    /// 550 5.2.1 at RCPT.
+    Reject,
+}
+
+impl AliasState {
+    pub fn is_active(&self) -> bool {
+        *self == AliasState::Active
+    }
+}
+
+impl std::fmt::Display for AliasState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AliasState::Active => "active",
+            AliasState::Discard => "discard",
+            AliasState::Defer => "defer",
+            AliasState::Reject => "reject",
+        })
+    }
+}
+
+impl std::str::FromStr for AliasState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(AliasState::Active),
+            "discard" => Ok(AliasState::Discard),
+            "defer" => Ok(AliasState::Defer),
+            "reject" => Ok(AliasState::Reject),
+            _ => Err(format!(
+                "unknown alias state {s:?} (expected active, discard, defer or reject)"
+            )),
+        }
+    }
 }
 
 /// How a recipient matched the table.
@@ -468,6 +521,8 @@ impl Table {
             updated: now,
             dmarc_preflight: None,
             health: Vec::new(),
+            spam: None,
+            state: AliasState::Active,
         };
         // compare_and_swap makes "add" refuse a concurrent add of the same alias.
         self.aliases
@@ -593,6 +648,8 @@ impl Table {
                         updated: now,
                         dmarc_preflight: old.as_ref().and_then(|o| o.dmarc_preflight.clone()),
                         health: Vec::new(),
+                        spam: old.as_ref().and_then(|o| o.spam),
+                        state: old.as_ref().map_or(AliasState::Active, |o| o.state),
                     };
                     pending.insert(name.key(), entry);
                     names.push((name, e.line));
