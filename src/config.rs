@@ -855,6 +855,38 @@ mod tests {
     }
 
     #[test]
+    fn spam_section() {
+        let c = Config::default();
+        assert!(c.spam.rspamd_url.is_none(), "no gate unless configured");
+        assert_eq!(c.spam.default, SpamPolicy::Tag);
+        assert_eq!(c.spam.on_error, SpamOnError::Accept);
+        assert_eq!(c.spam.timeout, Duration::from_secs(10));
+        let c = Config::from_toml(
+            "[spam]\nrspamd_url = \"http://127.0.0.1:11333\"\ndefault = \"quarantine\"\ntimeout = \"2s\"\non_error = \"tempfail\"\nsubject_tag = \"[SPAM]\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.spam.default, SpamPolicy::Quarantine);
+        assert_eq!(c.spam.on_error, SpamOnError::Tempfail);
+        assert_eq!(
+            parse_http_url("http://[::1]:11333/rspamd/").unwrap(),
+            ("::1".to_string(), 11333, "/rspamd".to_string())
+        );
+        for bad in [
+            "[spam]\nrspamd_url = \"https://x:1\"\n",
+            "[spam]\nrspamd_url = \"127.0.0.1:11333\"\n",
+            "[spam]\ncontroller_url = \"http://x/?a=b\"\n",
+            "[spam]\nsubject_tag = \"a\\r\\nBcc: x\"\n",
+            "[spam]\ntimeout = \"0s\"\n",
+        ] {
+            let c = Config::from_toml(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(Config::from_toml("[spam]\non_error = \"drop\"\n").is_err());
+        assert!(Config::from_toml("[spam]\ndefault = \"bounce\"\n").is_err());
+    }
+
+    #[test]
     fn round_trips_through_toml() {
         let c = Config::default();
         let again = Config::from_toml(&c.to_toml()).unwrap();

@@ -59,7 +59,7 @@ pub struct AliasEntry {
 
 /// Whether an alias takes mail (`tenso user set --state`). Acts at RCPT for the alias
 /// named there; inside an alias chain a disabled alias's branch is dropped (see
-/// [`crate::forward::expand`]). A disabled alias costs no delivery attempt, no bounce.
+/// `forward::expand`). A disabled alias costs no delivery attempt, no bounce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AliasState {
@@ -869,6 +869,33 @@ mod tests {
             .update("ok@alias.test", |e| e.dests = s(&["\"x>y\"@dest.test"]))
             .unwrap();
         assert_eq!(e.dests, s(&["\"x>y\"@dest.test"]));
+    }
+
+    #[test]
+    fn spam_policy_and_state_default_for_old_entries() {
+        // An entry written before the spam gate existed: spam follows the default,
+        // the alias is active, and nothing new is written for such entries.
+        let old = br#"{"dests":["a@d.test"],"bounce":"pool","created":1,"updated":1}"#;
+        let e = decode(old).unwrap();
+        assert_eq!((e.spam, e.state), (None, AliasState::Active));
+        assert_eq!(encode(&e), old.to_vec());
+        let (_d, t) = table();
+        t.add("a@x.test", &s(&["a@dest.test"]), BouncePolicy::Pool)
+            .unwrap();
+        t.update("a@x.test", |e| {
+            e.spam = Some(SpamPolicy::Off);
+            e.state = AliasState::Defer;
+        })
+        .unwrap();
+        let e = t.get("a@x.test").unwrap();
+        assert_eq!(
+            (e.spam, e.state),
+            (Some(SpamPolicy::Off), AliasState::Defer)
+        );
+        for st in ["active", "discard", "defer", "reject"] {
+            assert_eq!(st.parse::<AliasState>().unwrap().to_string(), st);
+        }
+        assert!("paused".parse::<AliasState>().is_err());
     }
 
     #[test]
