@@ -180,7 +180,12 @@ pub fn expand(
 
 /// The final (remote) destinations of an alias, following alias chains exactly as
 /// forwarded mail does. Used for bounces under policy `forward` and for digests.
+/// Empty for an alias that is not `active` (`tenso user set --state`): it takes no mail,
+/// so bounces stay in its pool and no digest is sent.
 pub fn destinations(table: &Table, cfg: &Config, alias: &str) -> Result<Vec<String>, TableError> {
+    if !table.get(alias)?.state.is_active() {
+        return Ok(Vec::new());
+    }
     let rcpts = expand_alias(table, cfg, alias, "")?;
     Ok(rcpts
         .into_iter()
@@ -288,5 +293,17 @@ mod tests {
         };
         let r = expand(&t, &cfg, &pm, "s@o.test").unwrap();
         assert_eq!(r[0].pool.as_deref(), Some(POSTMASTER_POOL));
+
+        // A disabled alias inside a chain: its branch is dropped, the rest flows; a
+        // disabled alias itself has no destinations (bounces stay in its pool).
+        t.update("alice@a.test", |e| {
+            e.state = crate::table::AliasState::Discard
+        })
+        .unwrap();
+        let r = expand(&t, &cfg, &target("list@a.test"), "s@o.test").unwrap();
+        let dests: Vec<_> = r.iter().map(|r| r.dest.as_str()).collect();
+        assert_eq!(dests, ["x@d.test"]);
+        assert!(destinations(&t, &cfg, "alice@a.test").unwrap().is_empty());
+        assert_eq!(destinations(&t, &cfg, "list@a.test").unwrap(), ["x@d.test"]);
     }
 }

@@ -70,6 +70,17 @@ pub(super) async fn release(ctx: &Ctx<'_>, id: &str) -> Result<Value, String> {
     } else {
         pooled.sender.clone().unwrap_or_else(|| entry.alias.clone())
     };
+    let state = ctx
+        .table
+        .get(&entry.alias)
+        .map_err(|e| format!("cannot release {id}: {e}"))?
+        .state;
+    if !state.is_active() {
+        return Err(format!(
+            "cannot release {id}: alias {} is in state {state} (tenso user set --state active first)",
+            entry.alias
+        ));
+    }
     let rcpts: Vec<_> =
         crate::forward::expand_alias(ctx.table, ctx.cfg, &entry.alias, &reverse_path)
             .map_err(|e| format!("cannot release {id}: {e}"))?
