@@ -93,7 +93,11 @@ pub(super) async fn release(ctx: &Ctx<'_>, id: &str) -> Result<Value, String> {
             entry.alias
         ));
     }
-    let msg = pooled.msg.to_vec();
+    // Signed with the forwarder's key like every forwarded copy ([dkim]).
+    let msg = match crate::signing::Signer::from_config(&ctx.cfg.dkim)? {
+        Some(signer) => signer.sign_prepend(pooled.msg.to_vec()),
+        None => pooled.msg.to_vec(),
+    };
     let env = Envelope {
         id: ctx.spool.new_id(),
         kind: MessageKind::Relay,
