@@ -49,7 +49,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "spool recovered"
     );
     let resolver = crate::dns::build(&cfg).map_err(anyhow::Error::msg)?;
-    let delivery = crate::delivery::Delivery::new(cfg.clone(), resolver.clone())
+    let delivery = crate::delivery::Delivery::new(cfg.clone(), resolver.clone(), &table)
         .map_err(anyhow::Error::msg)?;
     let signer = crate::signing::Signer::from_config(&cfg.dkim)
         .map_err(anyhow::Error::msg)?
@@ -66,7 +66,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let worker = Arc::new(crate::queue::Worker::new(
         cfg.clone(),
         spool.clone(),
-        delivery,
+        delivery.clone(),
         bounce.clone(),
     ));
     let queue = crate::queue::start(worker, recovered.envelopes);
@@ -78,7 +78,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             queue: queue.clone(),
             bounce: bounce.clone(),
             auth,
-            signer,
+            signer: signer.clone(),
             tls: crate::inbound::tls::acceptor(&cfg).map_err(anyhow::Error::msg)?,
         },
     );
@@ -88,6 +88,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let status_inbound = inbound.clone();
     let status_queue = queue.clone();
     let status_bounce = bounce.clone();
+    let status_delivery = delivery.clone();
     let server = Arc::new(control_server::Server {
         cfg: cfg.clone(),
         table: table.clone(),
@@ -99,6 +100,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 "inbound": status_inbound.snapshot(),
                 "queue": status_queue.snapshot(),
                 "bounce": status_bounce.counters.snapshot(),
+                "tls": status_delivery.tls_counters.snapshot(),
                 "pool": {
                     "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
                     "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
@@ -135,6 +137,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
 
+    if cfg.tls_report.enabled {
+        tokio::spawn(tls_reports(
+            delivery.clone(),
+            resolver.clone(),
+            spool.clone(),
+            signer.clone(),
+            queue.clone(),
+        ));
+    }
+
     let listeners = crate::inbound::bind(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut announce = String::new();
@@ -162,4 +174,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(cfg.socket_path());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Hourly: the TLS reports of past days go out (RFC 8460 §5.1: daily aggregates).
+async fn tls_reports(
+    delivery: Arc<crate::delivery::Delivery>,
+    resolver: crate::dns::Resolver,
+    spool: Spool,
+    signer: Option<Arc<crate::signing::Signer>>,
+    queue: crate::queue::QueueHandle,
+) {
+    loop {
+        let queued = delivery
+            .reports
+            .send_due(&resolver, &spool, signer.as_deref(), false)
+            .await;
+        for (e, b) in queued {
+            queue.enqueue(e, Some(b));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    }
 }

@@ -15,6 +15,7 @@ pub enum Kind {
     PoolList,
     PoolShow,
     Dns,
+    TlsReport,
     Done,
     Json,
 }
@@ -201,8 +202,46 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
                 return ExitCode::from(1);
             }
         }
+        Kind::TlsReport => tls_report(d),
         Kind::Done => println!("ok"),
         Kind::Json => unreachable!(),
     }
     ExitCode::SUCCESS
+}
+
+/// `tenso tls report`: one block per destination domain and policy.
+fn tls_report(d: &Value) {
+    if let Some(ids) = d["queued"].as_array() {
+        println!("{} report(s) queued", ids.len());
+        for id in ids {
+            println!("  {}", s(id));
+        }
+        return;
+    }
+    println!("TLS sessions on {} (UTC):", s(&d["day"]));
+    let reports = d["reports"].as_array().cloned().unwrap_or_default();
+    if reports.is_empty() {
+        println!("  none counted yet");
+    }
+    for r in &reports {
+        for p in r["policies"].as_array().into_iter().flatten() {
+            let pol = &p["policy"];
+            println!(
+                "{}  policy {}  successful {}  failed {}",
+                s(&pol["policy-domain"]),
+                s(&pol["policy-type"]),
+                s(&p["summary"]["total-successful-session-count"]),
+                s(&p["summary"]["total-failure-session-count"]),
+            );
+            for f in p["failure-details"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:>6} × {} at {} ({})",
+                    s(&f["failed-session-count"]),
+                    s(&f["result-type"]),
+                    s(&f["receiving-mx-hostname"]),
+                    s(&f["additional-information"]),
+                );
+            }
+        }
+    }
 }

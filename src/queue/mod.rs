@@ -388,7 +388,8 @@ impl Worker {
         let due: Vec<usize> = (0..env.rcpts.len())
             .filter(|&i| env.rcpts[i].is_pending() && env.rcpts[i].next_attempt <= now)
             .collect();
-        let mut results: Vec<(usize, Outcome, Option<String>)> = Vec::new();
+        // (recipient, outcome, remote MTA, TLS of the session)
+        let mut results: Vec<(usize, Outcome, Option<String>, Option<String>)> = Vec::new();
 
         // Local pool targets (postmaster without a forward address).
         for &i in &due {
@@ -397,7 +398,7 @@ impl Worker {
                     Ok(id) => Outcome::Delivered(format!("stored in local pool {pool} as {id}")),
                     Err(e) => Outcome::Deferred("4.3.0".into(), format!("pool write failed: {e}")),
                 };
-                results.push((i, o, None));
+                results.push((i, o, None, None));
             }
         }
 
@@ -455,7 +456,7 @@ impl Worker {
             match res {
                 Ok((idx, report)) => {
                     for (k, o) in report.outcomes.into_iter().enumerate() {
-                        results.push((idx[k], o, report.remote_mta.clone()));
+                        results.push((idx[k], o, report.remote_mta.clone(), report.tls.clone()));
                     }
                 }
                 Err(e) => tracing::error!(queue_id = %env.id, error = %e, "delivery task failed"),
@@ -482,13 +483,13 @@ impl Worker {
         let now = now_ms();
         let lifetime_end = env.arrival * 1000 + self.cfg.queue.max_lifetime.as_millis() as i64;
         let mut failed = Vec::new();
-        for (i, outcome, mta) in results {
+        for (i, outcome, mta, tls) in results {
             let r = &mut env.rcpts[i];
             r.remote_mta = mta.or(r.remote_mta.take());
             match outcome {
                 Outcome::Delivered(reply) => {
                     handle.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(queue_id = %env.id, from = %r.mail_from, to = %r.dest, relay = ?r.remote_mta, reply = %reply, "delivered");
+                    tracing::info!(queue_id = %env.id, from = %r.mail_from, to = %r.dest, relay = ?r.remote_mta, tls = tls.as_deref().unwrap_or("-"), reply = %reply, "delivered");
                     r.state = RcptState::Delivered;
                     r.last = Some(reply);
                     r.status = Some("2.0.0".into());
