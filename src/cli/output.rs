@@ -239,7 +239,7 @@ fn tls_report(d: &Value) {
                     s(&f["failed-session-count"]),
                     s(&f["result-type"]),
                     s(&f["receiving-mx-hostname"]),
-                    s(&f["additional-information"]),
+                    s(&f["failure-reason-code"]),
                 );
             }
         }

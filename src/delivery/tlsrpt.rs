@@ -440,9 +440,11 @@ impl Reports {
 fn detail_json(d: &FailureAgg) -> Value {
     let mut v = json!({
         "result-type": d.result_type,
-        "receiving-mx-hostname": d.receiving_mx_hostname,
         "failed-session-count": d.count,
     });
+    if !d.receiving_mx_hostname.is_empty() {
+        v["receiving-mx-hostname"] = json!(d.receiving_mx_hostname);
+    }
     if let Some(ip) = &d.sending_mta_ip {
         v["sending-mta-ip"] = json!(ip);
     }
@@ -450,7 +452,7 @@ fn detail_json(d: &FailureAgg) -> Value {
         v["receiving-ip"] = json!(ip);
     }
     if !d.additional.is_empty() {
-        v["additional-information"] = json!(d.additional);
+        v["failure-reason-code"] = json!(d.additional);
     }
     v
 }
