@@ -812,6 +812,12 @@ impl Config {
             return bad("[dkim] needs domain, selector and key together".into());
         }
         self.validate_spam()?;
+        if self.delivery.mta_sts_port == 0 {
+            return bad("[delivery] mta_sts_port must not be 0".into());
+        }
+        if self.tls_report.max_domains == 0 {
+            return bad("[tls_report] max_domains must be at least 1".into());
+        }
         if let Some(c) = &self.tls_report.contact {
             crate::smtp::address::Mailbox::parse(c)
                 .map_err(|e| ConfigError::Invalid(format!("[tls_report] contact {c:?}: {e}")))?;
@@ -936,6 +942,28 @@ mod tests {
         }
         assert!(Config::from_toml("[spam]\non_error = \"drop\"\n").is_err());
         assert!(Config::from_toml("[spam]\ndefault = \"bounce\"\n").is_err());
+    }
+
+    #[test]
+    fn outbound_tls_keys() {
+        let c = Config::default();
+        assert_eq!(c.delivery.tls, TlsMode::Opportunistic);
+        assert!(c.delivery.mta_sts && !c.delivery.dane && c.tls_report.enabled);
+        assert_eq!(c.delivery.mta_sts_port, 443);
+        let c = Config::from_toml(
+            "[delivery]\ntls = \"verify\"\nca_file = \"/etc/ca.pem\"\ndane = true\nmta_sts = false\n[delivery.tls_domains]\n\"a.test\" = \"verify\"\n[dns]\ntrust_anchor = \"/etc/root.key\"\n[tls_report]\ncontact = \"tls@example.test\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.delivery.tls, TlsMode::Verify);
+        assert_eq!(c.delivery.tls_domains["a.test"], TlsMode::Verify);
+        assert!(c.delivery.dane && !c.delivery.mta_sts);
+        assert_eq!(c.dns.trust_anchor, Some(PathBuf::from("/etc/root.key")));
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.tls_report.contact = Some("not an address".into());
+        assert!(bad.validate().is_err());
+        assert!(Config::from_toml("[delivery]\ntls = \"strict\"\n").is_err());
+        assert!(Config::from_toml("[tls_report]\nsend = true\n").is_err());
     }
 
     #[test]

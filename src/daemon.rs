@@ -137,15 +137,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
 
-    if cfg.tls_report.enabled {
-        tokio::spawn(tls_reports(
-            delivery.clone(),
-            resolver.clone(),
-            spool.clone(),
-            signer.clone(),
-            queue.clone(),
-        ));
-    }
+    tokio::spawn(tls_housekeeping(
+        delivery.clone(),
+        table.clone(),
+        resolver.clone(),
+        spool.clone(),
+        signer.clone(),
+        queue.clone(),
+    ));
 
     let listeners = crate::inbound::bind(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -176,21 +175,36 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Hourly: the TLS reports of past days go out (RFC 8460 §5.1: daily aggregates).
-async fn tls_reports(
+/// Hourly: the TLS reports of past days go out (RFC 8460 §5.1: daily aggregates),
+/// and expired MTA-STS policies leave the cache.
+async fn tls_housekeeping(
     delivery: Arc<crate::delivery::Delivery>,
+    table: Table,
     resolver: crate::dns::Resolver,
     spool: Spool,
     signer: Option<Arc<crate::signing::Signer>>,
     queue: crate::queue::QueueHandle,
 ) {
     loop {
-        let queued = delivery
-            .reports
-            .send_due(&resolver, &spool, signer.as_deref(), false)
-            .await;
-        for (e, b) in queued {
-            queue.enqueue(e, Some(b));
+        if delivery.reports.enabled() {
+            let queued = delivery
+                .reports
+                .send_due(&resolver, &spool, signer.as_deref(), false)
+                .await;
+            for (e, b) in queued {
+                queue.enqueue(e, Some(b));
+            }
+        }
+        let t = table.clone();
+        let expired = tokio::task::spawn_blocking(move || {
+            t.tls()
+                .and_then(|s| s.sts_expire(crate::time::unix_now()))
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap_or(0);
+        if expired > 0 {
+            tracing::info!(expired, "expired MTA-STS policies dropped");
         }
         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
     }

@@ -527,3 +527,71 @@ async fn tls_report_is_mailed_signed_and_matches_the_rfc_schema() {
     let after = tls_report(&t, "dest.test").await;
     assert!(after.is_empty(), "{after:?}");
 }
+
+#[tokio::test]
+async fn tenso_dns_suggests_mta_sts_and_tls_rpt_records_for_alias_domains() {
+    let dns = TestDns::builder()
+        .mx("alias.test", 10, "tenso.test")
+        .txt("alias.test", "v=spf1 ip4:127.0.0.1 ~all")
+        .txt(
+            "_smtp._tls.alias.test",
+            "v=TLSRPTv1; rua=mailto:postmaster@alias.test",
+        )
+        .start()
+        .await;
+    let cfg = format!(
+        "[dns]\n{}\ntimeout = \"2s\"\n\n[auth]\noutbound_ips = [\"127.0.0.1\"]\n",
+        dns.resolver_config_toml()
+    );
+    // No daemon: the CLI runs the same check itself.
+    let t = Tenso::prepare(&cfg);
+    t.cli_ok(&["domain", "add", "alias.test"]).await;
+    let out = t
+        .cli_async(&["dns", "--domain", "alias.test", "--json"])
+        .await;
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        out.status.success(),
+        "optional records must not fail the check: {r:#}"
+    );
+    let check = |kind: &str| {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} check: {r:#}"))
+            .clone()
+    };
+    let sts = check("MTA-STS");
+    assert!(
+        sts["want"]
+            .as_str()
+            .unwrap()
+            .starts_with("_mta-sts.alias.test. IN TXT \"v=STSv1; id="),
+        "{sts:#}"
+    );
+    assert!(sts["problem"].as_str().unwrap().contains("not published"));
+    let policy = check("MTA-STS policy");
+    assert_eq!(
+        policy["name"],
+        "https://mta-sts.alias.test/.well-known/mta-sts.txt"
+    );
+    let text = policy["want"].as_str().unwrap();
+    assert!(
+        text.contains("mode: testing") && text.contains("mx: tenso.test"),
+        "{text}"
+    );
+    let rpt = check("TLS-RPT");
+    assert_eq!(
+        rpt["found"],
+        serde_json::json!(["v=TLSRPTv1; rua=mailto:postmaster@alias.test"])
+    );
+    assert!(rpt["problem"].is_null(), "{rpt:#}");
+    let human = t.cli_async(&["dns", "--domain", "alias.test"]).await;
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("_mta-sts.alias.test") && text.contains("optional"),
+        "{text}"
+    );
+}

@@ -184,13 +184,18 @@ pub fn print(resp: Response, json: bool, kind: Kind) -> ExitCode {
                 }
             );
             for c in d["checks"].as_array().into_iter().flatten() {
-                let status = if c["ok"].as_bool() == Some(true) {
-                    "ok"
-                } else {
-                    "PROBLEM"
+                let optional = c["optional"].as_bool() == Some(true);
+                let found = c["found"].as_array().is_some_and(|f| !f.is_empty());
+                let status = match (c["ok"].as_bool() == Some(true), optional, found) {
+                    (false, _, _) => "PROBLEM",
+                    (true, true, false) => "optional",
+                    _ => "ok",
                 };
                 println!("{:<5} {:<40} {status}", s(&c["kind"]), s(&c["name"]));
-                println!("      want:  {}", s(&c["want"]));
+                println!(
+                    "      want:  {}",
+                    s(&c["want"]).trim_end().replace('\n', "\n             ")
+                );
                 for f in c["found"].as_array().into_iter().flatten() {
                     println!("      found: {}", s(f));
                 }

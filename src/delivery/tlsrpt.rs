@@ -186,6 +186,10 @@ impl Reports {
         Reports { cfg, store }
     }
 
+    pub fn enabled(&self) -> bool {
+        self.cfg.tls_report.enabled
+    }
+
     /// Counts one session result under today's aggregate of its domain.
     pub fn record(&self, r: &SessionResult<'_>) {
         if !self.cfg.tls_report.enabled {
