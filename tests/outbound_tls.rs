@@ -85,7 +85,9 @@ async fn clear_text_session_is_not_reused_for_a_domain_that_requires_tls() {
         .mx("req.test", 10, "mx.dest.test")
         .start()
         .await;
-    let more = "idle_timeout = \"60s\"\n[delivery.tls_domains]\n\"plain.test\" = \"none\"\n\"req.test\" = \"required\"\n";
+    // One connection per host: the idle clear-text session must be closed to make
+    // room for the session req.test needs.
+    let more = "idle_timeout = \"60s\"\nmax_per_destination = 1\n[delivery.tls_domains]\n\"plain.test\" = \"none\"\n\"req.test\" = \"required\"\n";
     let t = Tenso::start(&config(&dns, sink.port(), more, FAST_QUEUE, "")).await;
     add_alias(&t, "p@alias.test", &["bob@plain.test"], "pool").await;
     add_alias(&t, "r@alias.test", &["carol@req.test"], "pool").await;
@@ -174,6 +176,8 @@ async fn unverified_session_is_not_reused_for_verify_but_verified_one_is() {
         assert!(got[i].tls);
     }
     assert_eq!(good.connections(), 1, "the verified session was not reused");
+    let tls = &t.counters().await["tls"];
+    assert_eq!(tls["verify.verified"], 1, "{tls}");
     assert!(
         t.wait_for_log("policy=verify", WAIT).await && t.log().contains("tls=\"TLSv1."),
         "no TLS version and policy in the delivery log:\n{}",
