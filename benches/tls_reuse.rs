@@ -9,10 +9,8 @@
 //! counted). Figures are printed, never asserted: the machine is shared and noisy.
 
 #[path = "../tests/common/sink.rs"]
-#[allow(dead_code)]
 mod sink;
 #[path = "../tests/common/tls.rs"]
-#[allow(dead_code)]
 mod tls;
 
 use std::io::{BufRead, BufReader, Write};
@@ -77,9 +75,11 @@ fn message() -> Vec<u8> {
 
 async fn run(port: u16, ca: &Path, idle: Duration, n: usize, c: usize) -> (f64, f64, usize) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.hostname = "bench.test".into();
-    cfg.data_dir = dir.path().to_path_buf();
+    let mut cfg = Config {
+        hostname: "bench.test".into(),
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
     cfg.delivery
         .routes
         .insert("*".into(), format!("127.0.0.1:{port}"));
