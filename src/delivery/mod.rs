@@ -387,16 +387,10 @@ impl Delivery {
         rcpts: &[WirePath],
     ) -> Report {
         let n = rcpts.len();
-        // MTA-STS concerns MX delivery only; its lookup runs beside the MX lookup.
-        let static_route = route::static_hop(&self.cfg, job.domain).is_some();
+        // The MTA-STS lookup runs beside the MX lookup.
         let (hosts, sts) = tokio::join!(
             route::resolve(&self.cfg, &self.resolver, job.domain),
-            async {
-                match (&self.sts, static_route) {
-                    (Some(sts), false) => sts.view(job.domain).await,
-                    _ => mta_sts::StsView::default(),
-                }
-            }
+            self.sts_view(job.domain)
         );
         let hosts = match hosts {
             Ok(h) => h,
@@ -460,6 +454,14 @@ impl Delivery {
             Outcome::Deferred(attempt.last.0, attempt.last.1)
         };
         Report::all(o, n)
+    }
+
+    /// The destination's MTA-STS policy; none for static routes, which are no MX.
+    async fn sts_view(&self, domain: &str) -> mta_sts::StsView {
+        match &self.sts {
+            Some(sts) if route::static_hop(&self.cfg, domain).is_none() => sts.view(domain).await,
+            _ => mta_sts::StsView::default(),
+        }
     }
 
     /// Records why the policy ruled `host` out; returns the deferral reason.
