@@ -6,6 +6,10 @@
 //! (`max_per_destination`), and the dead-host cache (a host that refused a connect is
 //! skipped for `dead_host_ttl`, so queued mail waits instead of hammering it).
 //! It decides nothing about retries, DSNs or the spool: the queue does.
+//!
+//! Every map is pruned once a second: idle sessions past `idle_timeout`, per-host
+//! limits nobody holds or waits on, dead hosts whose time is up, per-domain limits
+//! nobody holds. The dead-host map is also capped ([`MAX_DEAD_HOSTS`]).
 
 pub mod client;
 pub mod route;
@@ -15,13 +19,18 @@ use crate::dns::Resolver;
 use crate::smtp::address::WirePath;
 pub use client::Outcome;
 use client::{Session, SessionError};
+use parking_lot::Mutex;
 use route::RouteError;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
+
+/// Hosts remembered as dead at once. At the bound the one whose time ends first is
+/// forgotten: the cost is one more connection attempt to it.
+pub const MAX_DEAD_HOSTS: usize = 10_000;
 
 /// A group of recipients sharing reverse-path and destination domain.
 pub struct Job<'a> {
@@ -87,6 +96,7 @@ impl Delivery {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(d) = weak.upgrade() else { break };
                 d.reap_idle();
+                d.prune();
             }
         });
         Ok(d)
@@ -96,7 +106,7 @@ impl Delivery {
         let ttl = self.cfg.delivery.idle_timeout;
         let mut expired = Vec::new();
         {
-            let mut slots = self.slots.lock().expect("slots lock");
+            let mut slots = self.slots.lock();
             for slot in slots.values_mut() {
                 let (keep, old): (Vec<Idle>, Vec<Idle>) =
                     slot.idle.drain(..).partition(|i| i.since.elapsed() < ttl);
@@ -116,13 +126,40 @@ impl Delivery {
         }
     }
 
+    /// Drops map entries that hold nothing: per-host limits with every permit free,
+    /// nobody waiting and no idle session; dead hosts whose time is up; per-domain
+    /// limits nobody holds.
+    fn prune(&self) {
+        let now = Instant::now();
+        self.dead.lock().retain(|_, until| *until > now);
+        let idle: Vec<SocketAddr> = self.slots.lock().keys().copied().collect();
+        let max = self.cfg.delivery.max_per_destination.max(1);
+        self.limits.lock().retain(|addr, l| {
+            idle.contains(addr)
+                || Arc::strong_count(&l.sem) > 1
+                || Arc::strong_count(&l.notify) > 1
+                || l.sem.available_permits() < max
+        });
+        self.domains.lock().retain(|_, s| Arc::strong_count(s) > 1);
+    }
+
+    /// Sizes of the maps, for `tenso status` and the memory-bounds test.
+    pub fn map_sizes(&self) -> serde_json::Value {
+        serde_json::json!({
+            "idle_hosts": self.slots.lock().len(),
+            "host_limits": self.limits.lock().len(),
+            "dead_hosts": self.dead.lock().len(),
+            "domain_limits": self.domains.lock().len(),
+        })
+    }
+
     /// Forgets every dead host (for `queue flush`).
     pub fn forget_dead_hosts(&self) {
-        self.dead.lock().expect("dead lock").clear();
+        self.dead.lock().clear();
     }
 
     fn is_dead(&self, addr: &SocketAddr) -> bool {
-        let mut dead = self.dead.lock().expect("dead lock");
+        let mut dead = self.dead.lock();
         match dead.get(addr) {
             Some(until) if *until > Instant::now() => true,
             Some(_) => {
@@ -134,15 +171,21 @@ impl Delivery {
     }
 
     fn mark_dead(&self, addr: SocketAddr) {
-        let ttl = self.cfg.queue.dead_host_ttl;
-        self.dead
-            .lock()
-            .expect("dead lock")
-            .insert(addr, Instant::now() + ttl);
+        let now = Instant::now();
+        let mut dead = self.dead.lock();
+        if dead.len() >= MAX_DEAD_HOSTS && !dead.contains_key(&addr) {
+            dead.retain(|_, until| *until > now);
+            if dead.len() >= MAX_DEAD_HOSTS
+                && let Some(first) = dead.iter().min_by_key(|(_, u)| **u).map(|(a, _)| *a)
+            {
+                dead.remove(&first);
+            }
+        }
+        dead.insert(addr, now + self.cfg.queue.dead_host_ttl);
     }
 
     fn limits(&self, addr: SocketAddr) -> (Arc<Semaphore>, Arc<Notify>) {
-        let mut l = self.limits.lock().expect("limits lock");
+        let mut l = self.limits.lock();
         let e = l.entry(addr).or_insert_with(|| Limits {
             sem: Arc::new(Semaphore::new(self.cfg.delivery.max_per_destination.max(1))),
             notify: Arc::new(Notify::new()),
@@ -152,7 +195,7 @@ impl Delivery {
 
     fn take_idle(&self, addr: SocketAddr) -> Option<Idle> {
         let ttl = self.cfg.delivery.idle_timeout;
-        let mut slots = self.slots.lock().expect("slots lock");
+        let mut slots = self.slots.lock();
         let slot = slots.get_mut(&addr)?;
         while let Some(i) = slot.idle.pop() {
             if i.since.elapsed() < ttl {
@@ -164,17 +207,11 @@ impl Delivery {
 
     fn put_idle(&self, session: Session, permit: OwnedSemaphorePermit) {
         let addr = session.addr;
-        self.slots
-            .lock()
-            .expect("slots lock")
-            .entry(addr)
-            .or_default()
-            .idle
-            .push(Idle {
-                session,
-                since: Instant::now(),
-                permit,
-            });
+        self.slots.lock().entry(addr).or_default().idle.push(Idle {
+            session,
+            since: Instant::now(),
+            permit,
+        });
         self.limits(addr).1.notify_one();
     }
 
@@ -217,10 +254,7 @@ impl Delivery {
     /// Delivers one group. Never fails as a whole: every recipient gets an outcome.
     pub async fn deliver(&self, job: &Job<'_>) -> Report {
         let sem = {
-            let mut d = self.domains.lock().expect("domains lock");
-            if d.len() > 10_000 {
-                d.retain(|_, s| Arc::strong_count(s) > 1);
-            }
+            let mut d = self.domains.lock();
             d.entry(job.domain.to_lowercase())
                 .or_insert_with(|| {
                     Arc::new(Semaphore::new(
