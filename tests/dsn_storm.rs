@@ -84,15 +84,21 @@ async fn forged_dsn_storm_costs_bounded_work() {
         dsn.len(),
         counter(&c, "bounce", "dsn_groups_read")
     );
-    assert_eq!(counter(&c, "bounce", "dsn_groups_read"), GROUPS_PER_REPORT, "{c}");
+    assert_eq!(
+        counter(&c, "bounce", "dsn_groups_read"),
+        GROUPS_PER_REPORT,
+        "{c}"
+    );
     assert_eq!(counter(&c, "bounce", "dsn_truncated"), 1, "{c}");
     assert_eq!(counter(&c, "bounce", "final_recipient_mismatch"), 1, "{c}");
     assert_eq!(counter(&c, "bounce", "correlated"), 0, "{c}");
     assert_eq!(counter(&c, "bounce", "uncorrelated"), 1, "{c}");
     assert_eq!(counter(&c, "bounce", "health_updates"), 0, "{c}");
-    assert!(user_show(&t, alias).await["health"]
-        .as_array()
-        .is_none_or(|h| h.is_empty()));
+    assert!(
+        user_show(&t, alias).await["health"]
+            .as_array()
+            .is_none_or(|h| h.is_empty())
+    );
 
     // 2. The real destination among 4,000 (within the groups read), three times:
     //    correlated each time, one health entry, counted three times.
@@ -102,7 +108,11 @@ async fn forged_dsn_storm_costs_bounded_work() {
         send_with_noops(&t, alias, &dsn).await;
     }
     let c = counters(&t).await;
-    assert_eq!(counter(&c, "bounce", "dsn_groups_read"), 4 * GROUPS_PER_REPORT, "{c}");
+    assert_eq!(
+        counter(&c, "bounce", "dsn_groups_read"),
+        4 * GROUPS_PER_REPORT,
+        "{c}"
+    );
     assert_eq!(counter(&c, "bounce", "correlated"), 3, "{c}");
     assert_eq!(counter(&c, "bounce", "health_updates"), 3, "{c}");
     let u = user_show(&t, alias).await;
@@ -119,7 +129,10 @@ async fn forged_dsn_storm_costs_bounded_work() {
     );
     // The human view shows it escaped: no raw control character reaches the terminal.
     let shown = t.cli_ok(&["user", "show", alias]).await;
-    assert!(!shown.contains('\u{1b}'), "raw ESC in `user show`: {shown:?}");
+    assert!(
+        !shown.contains('\u{1b}'),
+        "raw ESC in `user show`: {shown:?}"
+    );
     assert!(shown.contains("\\x1b[2J"), "{shown}");
 
     // 3. An alias with 20 destinations, all named failing: 16 kept.
@@ -135,7 +148,13 @@ async fn forged_dsn_storm_costs_bounded_work() {
     )
     .await;
     wait_queue_empty(&t).await;
-    let dsn = forged_dsn(many, "bait-2@attacker.test", &dests, "550 5.1.1 no", "many-1");
+    let dsn = forged_dsn(
+        many,
+        "bait-2@attacker.test",
+        &dests,
+        "550 5.1.1 no",
+        "many-1",
+    );
     send(&t, "", &[many], &dsn).await;
     let u = user_show(&t, many).await;
     let health = u["health"].as_array().cloned().unwrap_or_default();

@@ -459,6 +459,7 @@ fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) 
 
 /// Sends a request to the daemon, or runs it here when no daemon is running.
 pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
+    refuse_other_users(cfg)?;
     if let Some(resp) = control::server::call(&cfg.socket_path(), &req).await? {
         return Ok(resp);
     }
@@ -491,10 +492,29 @@ pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
     Ok(control::execute(&ctx, req).await)
 }
 
+/// Only root and the data dir's owner (the daemon's user) administer tenso: the
+/// daemon's socket refuses other peers, and direct mode would leave files the daemon
+/// cannot write. Refused here with the reason, before anything is touched.
+fn refuse_other_users(cfg: &Config) -> anyhow::Result<()> {
+    let Ok((uid, _, _)) = crate::disk::owner_and_mode(&cfg.data_dir) else {
+        return Ok(());
+    };
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid != me && me != 0 {
+        anyhow::bail!(
+            "the data dir {} belongs to uid {uid}, not to you (uid {me}): run this command as \
+             that user (or root), so nothing it writes is left unwritable for the daemon",
+            cfg.data_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Direct mode writes the stores itself, so it runs as the data dir's owner (the
 /// daemon's user): root switches to that user (its primary group and supplementary
-/// groups), anyone else is refused. A data dir that does not exist yet is created by
-/// whoever runs the command.
+/// groups); anyone else was refused by [`refuse_other_users`]. A data dir that does
+/// not exist yet is created by whoever runs the command.
 fn become_data_dir_owner(cfg: &Config) -> anyhow::Result<()> {
     let Ok((uid, dir_gid, _)) = crate::disk::owner_and_mode(&cfg.data_dir) else {
         return Ok(());
@@ -504,13 +524,7 @@ fn become_data_dir_owner(cfg: &Config) -> anyhow::Result<()> {
     if uid == me {
         return Ok(());
     }
-    if me != 0 {
-        anyhow::bail!(
-            "the data dir {} belongs to uid {uid}, not to you (uid {me}): run this command as \
-             that user, so nothing it writes is left unwritable for the daemon",
-            cfg.data_dir.display()
-        );
-    }
+    refuse_other_users(cfg)?;
     let (name, gid) = user_of(uid).unwrap_or((None, dir_gid));
     // SAFETY: plain credential syscalls; glibc applies them to every thread. Their
     // results are checked: continuing as root is exactly what must not happen.
