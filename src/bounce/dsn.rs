@@ -1535,6 +1535,29 @@ Date: Tue, 03 Mar 2026 08:59:58 +0000\r\n"
     }
 
     #[test]
+    fn a_report_naming_thousands_is_read_only_so_far() {
+        let mut groups = String::from("Reporting-MTA: dns; mx.evil.test\r\n\r\n");
+        for i in 0..4000 {
+            groups.push_str(&format!(
+                "Final-Recipient: rfc822; u{i}@evil.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+            ));
+        }
+        let msg = format!(
+            "From: MAILER-DAEMON@evil.test\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n\
+             --b\r\nContent-Type: text/plain\r\n\r\nno\r\n\
+             --b\r\nContent-Type: message/delivery-status\r\n\r\n{groups}--b--\r\n"
+        );
+        let p = parse_dsn(msg.as_bytes()).expect("parses");
+        assert_eq!(p.groups_read, MAX_DSN_GROUPS);
+        assert!(p.truncated);
+        assert_eq!(p.recipients.len(), MAX_DSN_GROUPS - 1);
+        assert_eq!(p.recipients[31].final_recipient, "u31@evil.test");
+        let small = parse_dsn(POSTFIX).expect("postfix DSN");
+        assert!(!small.truncated, "{small:?}");
+    }
+
+    #[test]
     fn golden_dsns() {
         for (name, r) in golden_cases() {
             let out = build_dsn(&r);

@@ -597,6 +597,53 @@ mod tests {
         assert!(s.recover().unwrap().envelopes.is_empty());
     }
 
+    #[tokio::test]
+    async fn ids_that_name_other_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Spool::open(&d.path().join("q"), &d.path().join("quar")).unwrap();
+        fs::write(d.path().join("x.msg"), b"victim").unwrap();
+        for bad in ["../x", "..", "", "a/b", "/etc/passwd", "0123abcdef", "X"] {
+            assert!(!valid_id(bad), "{bad:?}");
+            assert!(
+                matches!(s.remove_blocking(bad), Err(SpoolError::BadId(_))),
+                "{bad:?}"
+            );
+            assert!(
+                matches!(s.read_envelope(bad), Err(SpoolError::BadId(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(d.path().join("x.msg").exists());
+        assert!(valid_id(&s.new_id()));
+    }
+
+    #[tokio::test]
+    async fn corrupt_env_falls_back_to_the_committed_envelope() {
+        let d = tempfile::tempdir().unwrap();
+        let q = d.path().join("q");
+        let s = Spool::open(&q, &d.path().join("quar")).unwrap();
+        let id = s.new_id();
+        let mut e = env(&id);
+        s.commit(&e, Arc::new(b"body\r\n".to_vec())).await.unwrap();
+        e.rcpts[0].attempts = 2;
+        s.update(&e).await.unwrap();
+        fs::write(q.join(format!("{id}.env")), b"{\"id\": trunc").unwrap();
+        assert_eq!(s.read_envelope(&id).unwrap().rcpts[0].attempts, 0);
+        assert_eq!(s.env_fallbacks(), 1);
+        let rec = s.recover().unwrap();
+        assert_eq!(
+            (rec.envelopes.len(), rec.env_fallbacks, rec.quarantined),
+            (1, 1, 0)
+        );
+        assert!(d.path().join(format!("quar/{id}.env")).exists());
+        assert!(q.join(format!("{id}.msg")).exists());
+        // An envelope naming another message is corrupt as well.
+        let mut other = env(&id);
+        other.id = "ABC".into();
+        fs::write(q.join(format!("{id}.env")), other.to_bytes()).unwrap();
+        assert_eq!(s.read_envelope(&id).unwrap().id, id);
+    }
+
     #[test]
     fn ids_are_unique_and_sorted() {
         let d = tempfile::tempdir().unwrap();

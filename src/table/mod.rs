@@ -293,10 +293,12 @@ impl Table {
         Ok(out)
     }
 
-    /// Makes a change durable (and visible to the in-memory domain set).
+    /// Makes a change durable (and visible to the in-memory domain set, rebuilt here
+    /// on the admin's thread so the scan does not land on the next RCPT).
     pub fn flush(&self) -> Result<(), TableError> {
         self.changed();
         self.db.flush()?;
+        self.local_domains()?;
         Ok(())
     }
 
