@@ -230,7 +230,9 @@ async fn direct_mode_writes_as_the_data_dir_owner() {
     assert!(not_owned.is_empty(), "{not_owned:#?}");
     assert!(t.data_dir().join("table").is_dir());
 
-    // Another (non-root) user is refused, and changes nothing.
+    // Another (non-root) user who can reach the data dir is refused, and changes
+    // nothing. (Through a running daemon the daemon refuses it: tests/admin_cli.rs.)
+    std::fs::set_permissions(t.data_dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let out = std::process::Command::new(common::daemon::tenso_bin())
         .arg("--config")
         .arg(t.config_path())

@@ -459,7 +459,6 @@ fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) 
 
 /// Sends a request to the daemon, or runs it here when no daemon is running.
 pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
-    refuse_other_users(cfg)?;
     if let Some(resp) = control::server::call(&cfg.socket_path(), &req).await? {
         return Ok(resp);
     }
@@ -493,8 +492,9 @@ pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
 }
 
 /// Only root and the data dir's owner (the daemon's user) administer tenso: the
-/// daemon's socket refuses other peers, and direct mode would leave files the daemon
-/// cannot write. Refused here with the reason, before anything is touched.
+/// daemon refuses other peers on its socket (that is the boundary), and direct mode
+/// would leave files the daemon cannot write — refused here, before anything is
+/// touched.
 fn refuse_other_users(cfg: &Config) -> anyhow::Result<()> {
     let Ok((uid, _, _)) = crate::disk::owner_and_mode(&cfg.data_dir) else {
         return Ok(());
