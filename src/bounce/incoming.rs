@@ -5,6 +5,12 @@
 //! What counts as a bounce is [`super::dsn::classify_null_sender`]: RFC 3464 reports
 //! and recognisable non-standard bounces. Auto-replies, read receipts and other
 //! null-sender mail are not bounces: the caller forwards them with `<>` kept.
+//!
+//! A storm of forged reports cannot turn into work: a report is tied to a forwarded
+//! copy only if it names a destination that copy really went to (else it is
+//! uncorrelated and writes nothing); at most `dsn::MAX_DSN_GROUPS` groups of one
+//! report are read; health is one bounded write per alias (`table::MAX_HEALTH`); and
+//! reading and table access run on the blocking pool, never on an async worker.
 
 use super::dsn::{self, NullSenderKind};
 use super::{Bounce, Queued};
