@@ -228,6 +228,8 @@ async fn new_pool_directories_are_durable_before_use() {
     .unwrap();
     let mut t = Tenso::prepare(&config(&dns, sink.port(), "")).with_bin(&wrapper);
     t.launch().await;
+    // The kit's child is strace; killing it would leave the traced daemon running.
+    let _daemon = TracedDaemon::of(&trace);
     add_alias(&t, "fresh@alias.test", &["x@dest.test"], "pool").await;
     send(
         &t,
@@ -282,4 +284,29 @@ fn which(cmd: &str) -> Result<std::path::PathBuf, ()> {
         .map(|d| d.join(cmd))
         .find(|p| p.is_file())
         .ok_or(())
+}
+
+/// The daemon strace runs (the first pid in its `-f` output), killed when dropped:
+/// strace 6.1 has no `--kill-on-exit`, and its tracee outlives it.
+struct TracedDaemon(libc::pid_t);
+
+impl TracedDaemon {
+    fn of(trace: &std::path::Path) -> TracedDaemon {
+        let text = std::fs::read_to_string(trace).unwrap_or_default();
+        let pid = text
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in the strace output:\n{text:.500}"));
+        TracedDaemon(pid)
+    }
+}
+
+impl Drop for TracedDaemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the daemon this test started (through strace).
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+        }
+    }
 }
