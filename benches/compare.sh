@@ -4,6 +4,14 @@
 #
 #   benches/compare.sh                 # SIZES="2048 102400" COUNTS=5000 SESSIONS="10 50" REPS=3
 #   SIZES=2048 COUNTS=20000 SESSIONS=10 REPS=3 benches/compare.sh
+#   SPAM=1 SIZES=2048 COUNTS=2000 SESSIONS=10 benches/compare.sh   # with the spam gate
+#
+# SPAM=1: one private rspamd (tests/rspamd/ config, Debian's rules, no Redis) judges
+# both paths in the same run: Postfix through rspamd's proxy worker as a milter
+# (smtpd_milters = inet:127.0.0.1:$RSPAMD_PROXY), tenso through /checkv2 on the normal
+# worker. A second tenso without the gate ("tenso-nogate", port 2631) gives the cost of
+# the gate. rspamd's and tenso's DNS go to benches/nxdns.py (NXDOMAIN at once), and
+# rspamd's CPU is counted in both forwarders' CPU figures.
 #
 # Needs root (installs postfix + postsrsd from Debian when missing, like .ci does).
 # The load is Postfix's own smtp-source; the destination is Postfix's smtp-sink on
@@ -20,7 +28,15 @@ PF="$HERE/postfix-perf"
 . "$PF/env.sh"
 SIZES=${SIZES:-"2048 102400"}; COUNTS=${COUNTS:-5000}; SESSIONS=${SESSIONS:-"10 50"}; REPS=${REPS:-3}
 TENSO_PORT=${TENSO_PORT:-2630}
+TENSO_PLAIN_PORT=${TENSO_PLAIN_PORT:-2631}
+SPAM=${SPAM:-0}
+RSPAMD_NORMAL=${RSPAMD_NORMAL:-11433}; RSPAMD_PROXY=${RSPAMD_PROXY:-11432}
+RSPAMD_CONTROLLER=${RSPAMD_CONTROLLER:-11434}; NXDNS_PORT=${NXDNS_PORT:-11453}
+RDIR=$PERF_WORK/rspamd
 TDIR=$PERF_WORK/tenso
+TPDIR=$PERF_WORK/tenso-nogate
+PEERS="sink-direct postfix tenso"
+if [ "$SPAM" = 1 ]; then PEERS="sink-direct postfix tenso tenso-nogate"; fi
 OUT=${OUT:-$HERE/results/compare-$(date -u +%Y%m%dT%H%M%SZ).results}
 mkdir -p "$(dirname "$OUT")"
 
@@ -29,20 +45,52 @@ echo "== build (release)"
 BIN=$ROOT/target/release/tenso
 
 echo "== Postfix + postsrsd instance, smtp-sink"
+mkdir -p "$PERF_WORK"
 "$PF/setup.sh" > "$LOG_DIR.setup.log" 2>&1 || { tail -20 "$LOG_DIR.setup.log"; exit 1; }
+
+stop_rspamd() {
+    # The whole process group: rspamd's main process and the workers it forked.
+    if [ -s "$RDIR/main.pid" ]; then kill -TERM -- "-$(cat "$RDIR/main.pid")" 2>/dev/null || true; sleep 1
+        kill -KILL -- "-$(cat "$RDIR/main.pid")" 2>/dev/null || true; rm -f "$RDIR/main.pid"; fi
+    if [ -s "$RDIR/nxdns.pid" ]; then kill "$(cat "$RDIR/nxdns.pid")" 2>/dev/null || true; rm -f "$RDIR/nxdns.pid"; fi
+}
+RSPAMD_PIDS=""
+if [ "$SPAM" = 1 ]; then
+    echo "== rspamd (normal 127.0.0.1:$RSPAMD_NORMAL, milter proxy :$RSPAMD_PROXY), DNS stub :$NXDNS_PORT"
+    command -v rspamd >/dev/null || { echo "rspamd missing: apt-get install --no-install-recommends rspamd" >&2; exit 1; }
+    stop_rspamd || true
+    rm -rf "$RDIR"; mkdir -p "$RDIR"
+    setsid python3 "$HERE/nxdns.py" "$NXDNS_PORT" > "$RDIR/nxdns.log" 2>&1 < /dev/null &
+    echo $! > "$RDIR/nxdns.pid"
+    setsid rspamd -f -i -c "$ROOT/tests/rspamd/rspamd.conf" --var "LOCAL_CONFDIR=$ROOT/tests/rspamd" \
+        --var "RUNDIR=$RDIR" --var "DBDIR=$RDIR" --var "LOGDIR=$RDIR" --var "NORMAL_PORT=$RSPAMD_NORMAL" \
+        --var "PROXY_PORT=$RSPAMD_PROXY" --var "CONTROLLER_PORT=$RSPAMD_CONTROLLER" \
+        --var "DNS=127.0.0.1:$NXDNS_PORT" --var "PASSWORD=bench" > "$RDIR/out.log" 2>&1 < /dev/null &
+    echo $! > "$RDIR/main.pid"
+    for i in $(seq 1 600); do
+        curl -s "http://127.0.0.1:$RSPAMD_NORMAL/ping" 2>/dev/null | grep -q pong && break; sleep 0.2
+    done
+    curl -s "http://127.0.0.1:$RSPAMD_NORMAL/ping" | grep -q pong || { tail -20 "$RDIR/rspamd.log"; exit 1; }
+    RSPAMD_PIDS=$(cat "$RDIR/main.pid")
+    postconf -c "$PF_CONF" -e "smtpd_milters = inet:127.0.0.1:$RSPAMD_PROXY" \
+        "milter_default_action = accept" "milter_protocol = 6"
+fi
 "$PF/start.sh"
 # Mail left in Postfix's queue by an interrupted earlier run would count as this run's.
 postsuper -c "$PF_CONF" -d ALL >/dev/null 2>&1 || true
 
-echo "== tenso on 127.0.0.1:$TENSO_PORT"
-stop_tenso() { [ -s "$TDIR/pid" ] && kill "$(cat "$TDIR/pid")" 2>/dev/null; sleep 0.5; rm -f "$TDIR/pid"; }
+stop_tenso() {
+    local d; for d in "$TDIR" "$TPDIR"; do
+        [ -s "$d/pid" ] && kill "$(cat "$d/pid")" 2>/dev/null; rm -f "$d/pid"
+    done; sleep 0.5
+}
 stop_tenso || true
-rm -rf "$TDIR"; mkdir -p "$TDIR"
-cat > "$TDIR/tenso.toml" <<CONF
+tenso_conf() {  # DIR PORT EXTRA: a tenso config for the benchmark
+cat > "$1/tenso.toml" <<CONF
 hostname = "fwd.test"
-data_dir = "$TDIR/data"
+data_dir = "$1/data"
 [smtp]
-listen = ["127.0.0.1:$TENSO_PORT"]
+listen = ["127.0.0.1:$2"]
 [delivery]
 routes = { "dest.test" = "127.0.0.1:$SINK_PORT" }
 # The Postfix baseline checks neither SPF nor DKIM: neither does tenso here.
@@ -57,15 +105,31 @@ max_connections_per_ip = 100000
 connect_rate_per_minute = 10000000
 max_messages_per_connection = 100000000
 alias_rate_per_hour = 0
+$3
 CONF
-t0=$EPOCHREALTIME
-"$BIN" --config "$TDIR/tenso.toml" import "$PERF_WORK/aliases.txt"
-t1=$EPOCHREALTIME
-echo "import of $(wc -l < "$PERF_WORK/aliases.txt") aliases: $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}') s"
-RUST_LOG=info setsid "$BIN" --config "$TDIR/tenso.toml" serve > "$TDIR/log" 2>&1 < /dev/null &
-echo $! > "$TDIR/pid"
-for i in $(seq 1 100); do port_listening "$TENSO_PORT" && break; sleep 0.1; done
-trap 'stop_tenso; "$PF/stop.sh" >/dev/null' EXIT
+}
+start_tenso() {  # DIR PORT EXTRA
+    rm -rf "$1"; mkdir -p "$1"
+    tenso_conf "$1" "$2" "$3"
+    local t0=$EPOCHREALTIME
+    "$BIN" --config "$1/tenso.toml" import "$PERF_WORK/aliases.txt"
+    echo "import of $(wc -l < "$PERF_WORK/aliases.txt") aliases: $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}') s"
+    RUST_LOG=info setsid "$BIN" --config "$1/tenso.toml" serve > "$1/log" 2>&1 < /dev/null &
+    echo $! > "$1/pid"
+    for i in $(seq 1 100); do port_listening "$2" && break; sleep 0.1; done
+}
+SPAM_CONF=""
+if [ "$SPAM" = 1 ]; then
+    SPAM_CONF="[spam]
+rspamd_url = \"http://127.0.0.1:$RSPAMD_NORMAL\"
+[dns]
+nameservers = [\"127.0.0.1:$NXDNS_PORT\"]"
+fi
+echo "== tenso on 127.0.0.1:$TENSO_PORT$([ "$SPAM" = 1 ] && echo " (spam gate), tenso-nogate on :$TENSO_PLAIN_PORT")"
+start_tenso "$TDIR" "$TENSO_PORT" "$SPAM_CONF"
+[ "$SPAM" = 1 ] && start_tenso "$TPDIR" "$TENSO_PLAIN_PORT" "[dns]
+nameservers = [\"127.0.0.1:$NXDNS_PORT\"]"
+trap 'stop_tenso; "$PF/stop.sh" >/dev/null; stop_rspamd' EXIT
 
 queue_empty() {  # PEER: wait (≤120 s) until the forwarder's queue is empty
     local i
@@ -73,6 +137,7 @@ queue_empty() {  # PEER: wait (≤120 s) until the forwarder's queue is empty
         case $1 in
             postfix) [ -z "$(find "$PF_QUEUE"/{incoming,active,deferred} -type f 2>/dev/null | head -1)" ] && return 0 ;;
             tenso) [ -z "$(find "$TDIR/data/queue" -name '*.env' 2>/dev/null | head -1)" ] && return 0 ;;
+            tenso-nogate) [ -z "$(find "$TPDIR/data/queue" -name '*.env' 2>/dev/null | head -1)" ] && return 0 ;;
             *) return 0 ;;
         esac
         sleep 0.1
@@ -80,8 +145,8 @@ queue_empty() {  # PEER: wait (≤120 s) until the forwarder's queue is empty
     echo "queue of $1 did not drain" >&2; return 1
 }
 
-latency() {  # FROM_BYTE: p50/p99 (ms) of accepted → delivered over the log since FROM_BYTE
-    tail -c +"$(( $1 + 1 ))" "$TDIR/log" | python3 -c '
+latency() {  # LOG FROM_BYTE: p50/p99 (ms) of accepted → delivered over LOG since FROM_BYTE
+    tail -c +"$(( $2 + 1 ))" "$1" | python3 -c '
 import sys, re, datetime
 acc, lat = {}, []
 for line in sys.stdin:
@@ -97,18 +162,22 @@ print("lat_n=%d lat_p50_ms=%.2f lat_p99_ms=%.2f" % (len(lat), p(0.50), p(0.99)))
 
 for rep in $(seq 1 "$REPS"); do
   for size in $SIZES; do for n in $COUNTS; do for s in $SESSIONS; do
-    for peer in sink-direct postfix tenso; do
-        case $peer in sink-direct) port=$SINK_PORT ;; postfix) port=$PF_PORT ;; tenso) port=$TENSO_PORT ;; esac
+    for peer in $PEERS; do
+        case $peer in sink-direct) port=$SINK_PORT ;; postfix) port=$PF_PORT ;; tenso) port=$TENSO_PORT ;;
+            tenso-nogate) port=$TENSO_PLAIN_PORT ;; esac
+        tlog=$TDIR/log; [ "$peer" = tenso-nogate ] && tlog=$TPDIR/log
         queue_empty "$peer"
         [ "$peer" = postfix ] && postfix -c "$PF_CONF" reload >/dev/null 2>&1 && sleep 1
-        off=$(stat -c %s "$TDIR/log")
+        off=$(stat -c %s "$tlog")
         fwd=""; [ "$peer" = postfix ] && fwd=$(cat "$RUN_DIR/postsrsd.pid")
+        # The shared rspamd works for whichever forwarder uses it: its CPU counts there.
+        case $peer in postfix|tenso) fwd="$fwd $RSPAMD_PIDS" ;; esac
         echo "-- rep $rep: $peer size=$size msgs=$n sessions=$s"
         line=$(FWD_PIDS="$fwd" LABEL=$peer "$PF/bench.sh" "$port" "$n" "$s" "$size" | tee /dev/stderr | grep '^RESULT' || true)
-        if [ "$peer" = tenso ] && [ -n "$line" ]; then
-            queue_empty tenso
-            line="$line $(latency "$off")"
-        fi
+        case $peer in tenso|tenso-nogate) if [ -n "$line" ]; then
+            queue_empty "$peer"
+            line="$line $(latency "$tlog" "$off")"
+        fi ;; esac
         [ -n "$line" ] && echo "$line" >> "$OUT"
     done
   done; done; done
@@ -128,12 +197,26 @@ keys = sorted({k[1:] for k in runs})
 print("| payload | msgs | sessions | tenso e2e | postfix e2e | ceiling e2e | tenso/postfix | tenso/ceiling | tenso CPU ms/msg | postfix CPU ms/msg | tenso peak RSS MiB | tenso latency p50/p99 ms |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 med = lambda rs, f: st.median(float(r[f]) for r in rs) if rs else float("nan")
+gate = []
 for k in keys:
     t, p, c = runs.get(("tenso",) + k, []), runs.get(("postfix",) + k, []), runs.get(("sink-direct",) + k, [])
+    g = runs.get(("tenso-nogate",) + k, [])
+    if g and t:
+        gate.append((k, med(t, "e2e_rate"), med(g, "e2e_rate"),
+            st.median(float(r["fwd_cpu_s"]) * 1000 / int(r["msgs"]) for r in t),
+            st.median(float(r["fwd_cpu_s"]) * 1000 / int(r["msgs"]) for r in g),
+            med(t, "lat_p50_ms"), med(g, "lat_p50_ms")))
     te, pe, ce = med(t, "e2e_rate"), med(p, "e2e_rate"), med(c, "e2e_rate")
     tcpu = st.median(float(r["fwd_cpu_s"]) * 1000 / int(r["msgs"]) for r in t) if t else float("nan")
     pcpu = st.median(float(r["fwd_cpu_s"]) * 1000 / int(r["msgs"]) for r in p) if p else float("nan")
     print("| %d B | %d | %d | %.0f | %.0f | %.0f | %.2f | %.2f | %.2f | %.2f | %.0f | %.1f / %.1f |" % (
         k[0], k[1], k[2], te, pe, ce, te / pe if pe else float("nan"), te / ce if ce else float("nan"),
         tcpu, pcpu, med(t, "peak_rss_kb") / 1024, med(t, "lat_p50_ms"), med(t, "lat_p99_ms")))
+if gate:
+    print()
+    print("cost of the spam gate (tenso with rspamd vs tenso-nogate; CPU with gate includes rspamd):")
+    print("| payload | msgs | sessions | with gate e2e | without e2e | with/without | CPU ms/msg with / without | latency p50 with / without ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, w, wo, cw, cwo, lw, lwo in gate:
+        print("| %d B | %d | %d | %.0f | %.0f | %.2f | %.2f / %.2f | %.1f / %.1f |" % (k[0], k[1], k[2], w, wo, w / wo if wo else float("nan"), cw, cwo, lw, lwo))
 PY

@@ -70,6 +70,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub reputation: ReputationConfig,
     pub tls: TlsConfig,
+    pub spam: SpamConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -455,6 +456,114 @@ impl Default for BounceConfig {
     }
 }
 
+/// What happens to mail rspamd judges spam, per alias (`tenso user set --spam`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpamPolicy {
+    /// Forward with the spam headers (and `[spam] subject_tag`).
+    Tag,
+    /// Keep it in the alias's pool, never forward it.
+    Quarantine,
+    /// 550 5.7.1 at DATA (quarantine when other recipients of the message accept it).
+    Reject,
+    /// No spam handling for this alias: forward untouched.
+    Off,
+}
+
+impl std::fmt::Display for SpamPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SpamPolicy::Tag => "tag",
+            SpamPolicy::Quarantine => "quarantine",
+            SpamPolicy::Reject => "reject",
+            SpamPolicy::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for SpamPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tag" => Ok(SpamPolicy::Tag),
+            "quarantine" => Ok(SpamPolicy::Quarantine),
+            "reject" => Ok(SpamPolicy::Reject),
+            "off" => Ok(SpamPolicy::Off),
+            _ => Err(format!(
+                "unknown spam policy {s:?} (expected tag, quarantine, reject or off)"
+            )),
+        }
+    }
+}
+
+/// What the gate does when rspamd cannot judge a message (down, slow, bad answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpamOnError {
+    /// Mail flows unscanned (logged and counted).
+    Accept,
+    /// 451 4.7.1: the sender retries later.
+    Tempfail,
+}
+
+/// The spam gate: rspamd judges each message before the 250 (off unless `rspamd_url`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpamConfig {
+    /// rspamd's normal worker, `http://host:port` (`/checkv2` is appended).
+    pub rspamd_url: Option<String>,
+    /// Spam policy of aliases without their own (`--spam default`).
+    pub default: SpamPolicy,
+    /// Deadline of one rspamd call (connect, send, answer).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Larger messages are not scanned (counted as `spam_oversize`).
+    pub max_size: usize,
+    pub on_error: SpamOnError,
+    /// Prefixed to the Subject of spam forwarded under policy `tag` (unset: unchanged).
+    pub subject_tag: Option<String>,
+    /// rspamd's controller, for `tenso spam learn-ham|learn-spam`.
+    pub controller_url: Option<String>,
+    /// File holding the controller password (sent as the `Password` header).
+    pub controller_password_file: Option<PathBuf>,
+}
+
+impl Default for SpamConfig {
+    fn default() -> Self {
+        SpamConfig {
+            rspamd_url: None,
+            default: SpamPolicy::Tag,
+            timeout: Duration::from_secs(10),
+            max_size: 10 * 1024 * 1024,
+            on_error: SpamOnError::Accept,
+            subject_tag: None,
+            controller_url: None,
+            controller_password_file: None,
+        }
+    }
+}
+
+/// An `http://host[:port][/prefix]` URL of rspamd: (host, port, path prefix).
+pub fn parse_http_url(s: &str) -> Result<(String, u16, String), String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{s:?}: only http:// is supported"));
+    }
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{s:?} has no host"))?;
+    if uri.query().is_some() {
+        return Err(format!("{s:?}: no query string allowed"));
+    }
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let prefix = uri.path().trim_end_matches('/').to_string();
+    Ok((host, uri.port_u16().unwrap_or(80), prefix))
+}
+
 mod humantime_serde_list {
     use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
     use std::time::Duration;
@@ -501,6 +610,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             reputation: ReputationConfig::default(),
             tls: TlsConfig::default(),
+            spam: SpamConfig::default(),
         }
     }
 }
@@ -679,9 +789,36 @@ impl Config {
         {
             return bad(format!("[pool] group {g:?}: no such group"));
         }
+        self.validate_spam()?;
         for pm in &self.postmaster {
             crate::smtp::address::Mailbox::parse(pm)
                 .map_err(|e| ConfigError::Invalid(format!("postmaster {pm:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn validate_spam(&self) -> Result<(), ConfigError> {
+        let s = &self.spam;
+        for (key, url) in [
+            ("rspamd_url", &s.rspamd_url),
+            ("controller_url", &s.controller_url),
+        ] {
+            if let Some(u) = url {
+                parse_http_url(u)
+                    .map_err(|e| ConfigError::Invalid(format!("[spam] {key}: {e}")))?;
+            }
+        }
+        if let Some(t) = &s.subject_tag
+            && (t.is_empty() || t.chars().any(char::is_control))
+        {
+            return Err(ConfigError::Invalid(
+                "[spam] subject_tag must be non-empty text without control characters".into(),
+            ));
+        }
+        if s.timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "[spam] timeout must be above 0".into(),
+            ));
         }
         Ok(())
     }
@@ -748,6 +885,38 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("line 5"), "{e}");
         assert!(e.contains("max_recipents"), "{e}");
+    }
+
+    #[test]
+    fn spam_section() {
+        let c = Config::default();
+        assert!(c.spam.rspamd_url.is_none(), "no gate unless configured");
+        assert_eq!(c.spam.default, SpamPolicy::Tag);
+        assert_eq!(c.spam.on_error, SpamOnError::Accept);
+        assert_eq!(c.spam.timeout, Duration::from_secs(10));
+        let c = Config::from_toml(
+            "[spam]\nrspamd_url = \"http://127.0.0.1:11333\"\ndefault = \"quarantine\"\ntimeout = \"2s\"\non_error = \"tempfail\"\nsubject_tag = \"[SPAM]\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.spam.default, SpamPolicy::Quarantine);
+        assert_eq!(c.spam.on_error, SpamOnError::Tempfail);
+        assert_eq!(
+            parse_http_url("http://[::1]:11333/rspamd/").unwrap(),
+            ("::1".to_string(), 11333, "/rspamd".to_string())
+        );
+        for bad in [
+            "[spam]\nrspamd_url = \"https://x:1\"\n",
+            "[spam]\nrspamd_url = \"127.0.0.1:11333\"\n",
+            "[spam]\ncontroller_url = \"http://x/?a=b\"\n",
+            "[spam]\nsubject_tag = \"a\\r\\nBcc: x\"\n",
+            "[spam]\ntimeout = \"0s\"\n",
+        ] {
+            let c = Config::from_toml(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(Config::from_toml("[spam]\non_error = \"drop\"\n").is_err());
+        assert!(Config::from_toml("[spam]\ndefault = \"bounce\"\n").is_err());
     }
 
     #[test]

@@ -132,6 +132,13 @@ pub fn expand(
                 };
                 if table.is_local_domain(&m.domain)? {
                     match table.resolve(&m)? {
+                        // A disabled alias inside a chain: its branch is dropped. The
+                        // sender already has its 250 for the alias it named, so neither
+                        // a refusal nor a bounce is possible, and none is wanted.
+                        Some(next) if !next.entry.state.is_active() => {
+                            tracing::info!(alias = %found.alias, via = %next.alias, state = %next.entry.state, "alias chain: branch of a disabled alias dropped");
+                            continue;
+                        }
                         Some(next) if depth < cfg.delivery.max_alias_depth => {
                             if seen_aliases.insert(next.alias.clone()) {
                                 stack.extend(
@@ -173,7 +180,29 @@ pub fn expand(
 
 /// The final (remote) destinations of an alias, following alias chains exactly as
 /// forwarded mail does. Used for bounces under policy `forward` and for digests.
+/// Empty for an alias that is not `active` (`tenso user set --state`): it takes no mail,
+/// so bounces stay in its pool and no digest is sent.
 pub fn destinations(table: &Table, cfg: &Config, alias: &str) -> Result<Vec<String>, TableError> {
+    if !table.get(alias)?.state.is_active() {
+        return Ok(Vec::new());
+    }
+    let rcpts = expand_alias(table, cfg, alias, "")?;
+    Ok(rcpts
+        .into_iter()
+        .filter(|r| r.is_pending())
+        .map(|r| r.dest)
+        .collect())
+}
+
+/// The outgoing recipients of mail for `alias` (by its table name) with the original
+/// `reverse_path`, as if it had arrived for the alias itself: releasing a pooled
+/// message, forwarding bounces and digests.
+pub fn expand_alias(
+    table: &Table,
+    cfg: &Config,
+    alias: &str,
+    reverse_path: &str,
+) -> Result<Vec<Rcpt>, TableError> {
     let entry = table.get(alias)?;
     let name = alias.trim().to_lowercase();
     let found = Found {
@@ -192,12 +221,7 @@ pub fn destinations(table: &Table, cfg: &Config, alias: &str) -> Result<Vec<Stri
         name.clone()
     })
     .map_err(|e| TableError::Invalid(format!("alias {alias}: {e}")))?;
-    let rcpts = expand(table, cfg, &Target::Alias { written, found }, "")?;
-    Ok(rcpts
-        .into_iter()
-        .filter(|r| r.is_pending())
-        .map(|r| r.dest)
-        .collect())
+    expand(table, cfg, &Target::Alias { written, found }, reverse_path)
 }
 
 /// An unknown recipient accepted under `unknown_recipient = "accept"` whose sender
@@ -269,5 +293,17 @@ mod tests {
         };
         let r = expand(&t, &cfg, &pm, "s@o.test").unwrap();
         assert_eq!(r[0].pool.as_deref(), Some(POSTMASTER_POOL));
+
+        // A disabled alias inside a chain: its branch is dropped, the rest flows; a
+        // disabled alias itself has no destinations (bounces stay in its pool).
+        t.update("alice@a.test", |e| {
+            e.state = crate::table::AliasState::Discard
+        })
+        .unwrap();
+        let r = expand(&t, &cfg, &target("list@a.test"), "s@o.test").unwrap();
+        let dests: Vec<_> = r.iter().map(|r| r.dest.as_str()).collect();
+        assert_eq!(dests, ["x@d.test"]);
+        assert!(destinations(&t, &cfg, "alice@a.test").unwrap().is_empty());
+        assert_eq!(destinations(&t, &cfg, "list@a.test").unwrap(), ["x@d.test"]);
     }
 }

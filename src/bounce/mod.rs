@@ -380,6 +380,10 @@ impl Bounce {
             let Ok(dests) = crate::forward::destinations(&self.table, &self.cfg, &alias) else {
                 continue;
             };
+            // A disabled alias (or one whose destinations all fail) gets no digest.
+            if dests.is_empty() {
+                continue;
+            }
             let now = crate::time::unix_now();
             let mut body = format!(
                 "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: {to}\r\nSubject: {n} bounce(s) waiting in your forwarding pool\r\nDate: {date}\r\nMessage-ID: <digest.{now}.{id}@{host}>\r\nAuto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",

@@ -93,6 +93,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: DkimCmd,
     },
+    /// Train rspamd's classifier with a pooled message ([spam] controller_url).
+    Spam {
+        #[command(subcommand)]
+        cmd: SpamCmd,
+    },
     /// Counters and sizes.
     Status {
         #[arg(long)]
@@ -126,6 +131,12 @@ pub enum UserCmd {
         /// off | pool | forward | default
         #[arg(long)]
         dmarc_preflight: Option<String>,
+        /// What happens to spam for this alias: tag | quarantine | reject | off | default
+        #[arg(long)]
+        spam: Option<String>,
+        /// Whether the alias takes mail: active | discard | defer | reject
+        #[arg(long)]
+        state: Option<String>,
     },
     Remove {
         alias: String,
@@ -192,6 +203,10 @@ pub enum PoolCmd {
     Remove {
         id: String,
     },
+    /// Forward a pooled message to its alias's destinations (e.g. "not spam").
+    Release {
+        id: String,
+    },
     /// Remove pooled bounces (all, or older than a humantime age like `30d`).
     Purge {
         #[arg(long)]
@@ -199,6 +214,14 @@ pub enum PoolCmd {
         #[arg(long)]
         alias: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SpamCmd {
+    /// The pooled message is not spam.
+    LearnHam { id: String },
+    /// The pooled message is spam.
+    LearnSpam { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -304,12 +327,16 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 dests,
                 bounce,
                 dmarc_preflight,
+                spam,
+                state,
             } => (
                 Request::UserSet {
                     alias,
                     dests,
                     bounce,
                     dmarc_preflight,
+                    spam,
+                    state,
                 },
                 false,
                 output::Kind::Alias,
@@ -378,6 +405,7 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
             }
             PoolCmd::Show { id, json } => (Request::PoolShow { id }, json, output::Kind::PoolShow),
             PoolCmd::Remove { id } => (Request::PoolRemove { id }, false, output::Kind::Done),
+            PoolCmd::Release { id } => (Request::PoolRelease { id }, false, output::Kind::Json),
             PoolCmd::Purge { older_than, alias } => {
                 let older_than = match older_than
                     .map(|s| humantime::parse_duration(&s))
@@ -410,6 +438,13 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 .or_else(|| cfg.dkim.domain.clone())
                 .unwrap_or_else(|| cfg.hostname.clone());
             return keygen(&algorithm, &out, &selector, &domain);
+        }
+        Command::Spam { cmd } => {
+            let (id, spam) = match cmd {
+                SpamCmd::LearnHam { id } => (id, false),
+                SpamCmd::LearnSpam { id } => (id, true),
+            };
+            (Request::SpamLearn { id, spam }, false, output::Kind::Json)
         }
         Command::Status { json } => (Request::Status, json, output::Kind::Json),
     };

@@ -154,9 +154,11 @@ fn render(out: &mut String, d: &Value, kind: Kind) -> ExitCode {
             for a in d.as_array().into_iter().flatten() {
                 let _ = writeln!(
                     out,
-                    "{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}",
                     s(&a["alias"]),
                     s(&a["bounce"]),
+                    s(&a["spam"]),
+                    s(&a["state"]),
                     dests(&a["dests"])
                 );
             }
@@ -200,6 +202,15 @@ fn alias(out: &mut String, d: &Value) {
     if !d["dmarc_preflight"].is_null() {
         let _ = writeln!(out, "dmarc-preflight: {}", s(&d["dmarc_preflight"]));
     }
+    match (s(&d["spam"]).as_str(), &d["spam_effective"]) {
+        ("default", eff) if !eff.is_null() => {
+            let _ = writeln!(out, "spam:     default ({})", s(eff));
+        }
+        (p, _) => {
+            let _ = writeln!(out, "spam:     {p}");
+        }
+    }
+    let _ = writeln!(out, "state:    {}", s(&d["state"]));
     if let Some(h) = d["health"].as_array().filter(|h| !h.is_empty()) {
         out.push_str("destination health:\n");
         for e in h {

@@ -6,12 +6,13 @@
 //! stores itself and calls the very same [`execute`]. The protocol is one JSON line
 //! each way; `v` lets a newer CLI detect an older daemon.
 
+mod release;
 pub mod server;
 
-use crate::config::{BouncePolicy, Config};
+use crate::config::{BouncePolicy, Config, SpamPolicy};
 use crate::queue::QueueHandle;
 use crate::spool::Spool;
-use crate::table::{Table, import};
+use crate::table::{AliasState, Table, import};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -30,6 +31,12 @@ pub enum Request {
         dests: Option<Vec<String>>,
         bounce: Option<BouncePolicy>,
         dmarc_preflight: Option<String>,
+        /// tag | quarantine | reject | off | default
+        #[serde(default)]
+        spam: Option<String>,
+        /// active | discard | defer | reject
+        #[serde(default)]
+        state: Option<String>,
     },
     UserRemove {
         alias: String,
@@ -89,6 +96,15 @@ pub enum Request {
         domain: Option<String>,
     },
     Status,
+    /// Forwards a pooled message to its alias's destinations ("not spam").
+    PoolRelease {
+        id: String,
+    },
+    /// Feeds a pooled message to rspamd's classifier.
+    SpamLearn {
+        id: String,
+        spam: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,6 +164,8 @@ fn alias_json(
         "updated": e.updated,
         "dmarc_preflight": e.dmarc_preflight,
         "health": health,
+        "spam": e.spam.map_or_else(|| "default".to_string(), |p| p.to_string()),
+        "state": e.state,
     })
 }
 
@@ -204,10 +222,26 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             dests,
             bounce,
             dmarc_preflight,
+            spam,
+            state,
         } => {
-            if dests.is_none() && bounce.is_none() && dmarc_preflight.is_none() {
-                return Err("nothing to change: give --dest, --bounce or --dmarc-preflight".into());
+            if dests.is_none()
+                && bounce.is_none()
+                && dmarc_preflight.is_none()
+                && spam.is_none()
+                && state.is_none()
+            {
+                return Err(
+                    "nothing to change: give --dest, --bounce, --dmarc-preflight, --spam or --state"
+                        .into(),
+                );
             }
+            let spam: Option<Option<SpamPolicy>> = match spam.as_deref() {
+                None => None,
+                Some("default") => Some(None),
+                Some(p) => Some(Some(p.parse()?)),
+            };
+            let state: Option<AliasState> = state.as_deref().map(str::parse).transpose()?;
             if let Some(p) = &dmarc_preflight
                 && !["off", "pool", "forward", "default"].contains(&p.as_str())
             {
@@ -226,6 +260,12 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
                     if let Some(p) = &dmarc_preflight {
                         en.dmarc_preflight = (p != "default").then(|| p.clone());
                     }
+                    if let Some(p) = spam {
+                        en.spam = p;
+                    }
+                    if let Some(st) = state {
+                        en.state = st;
+                    }
                 })
                 .map_err(e)?;
             let health = t.health(&alias).map_err(e)?;
@@ -239,6 +279,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             let entry = t.get(&alias).map_err(e)?;
             let health = t.health(&alias).map_err(e)?;
             let mut v = alias_json(&alias.to_lowercase(), &entry, &health);
+            v["spam_effective"] = json!(entry.spam.unwrap_or(ctx.cfg.spam.default));
             v["pool"] = json!(ctx.pool.count(&alias));
             if let Some(h) = v["health"].as_array_mut() {
                 for x in h.iter_mut() {
@@ -394,6 +435,8 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
                     .await;
             Ok(json!(report))
         }
+        Request::PoolRelease { id } => release::release(ctx, &id).await,
+        Request::SpamLearn { id, spam } => release::learn(ctx, &id, spam).await,
         Request::Status => Ok(json!({
             "daemon": ctx.queue.is_some(),
             "aliases": t.count(),

@@ -79,6 +79,7 @@ impl Session {
         }
         // RFC 8601 §5: results claiming to be ours can only be forged.
         let body = strip_forged_results(&body, self.ctx.cfg.authserv_id()).unwrap_or(body);
+        let body = self.strip_foreign_spam_headers(body);
         let helo = self.helo.clone().unwrap_or_default();
         let verdict = self
             .ctx
@@ -97,13 +98,10 @@ impl Session {
         let looped = |trace: &str| delivered_to.iter().any(|d| d.eq_ignore_ascii_case(trace));
 
         let id = self.ctx.spool.new_id();
-        let mut msg = Vec::with_capacity(body.len() + 1024);
-        // RFC 7208 §9.1: Received-SPF goes above the Received field of this hop.
-        if let Some(r) = &tx.spf.received_spf {
-            msg.extend_from_slice(r.as_bytes());
-        }
-        self.write_received(&mut msg, &id, &helo, &tx.targets, tx.smtputf8);
-        msg.extend_from_slice(&verdict.headers);
+        // Everything below our Received line; a second copy (spam gate, policy off)
+        // gets its own Received with its own queue id.
+        let mut rest = Vec::with_capacity(body.len() + 1024);
+        rest.extend_from_slice(&verdict.headers);
         for hit in &tx.reputation {
             let reason: String = hit
                 .reason
@@ -111,17 +109,36 @@ impl Session {
                 .filter(|c| !c.is_control())
                 .take(200)
                 .collect();
-            msg.extend_from_slice(
+            rest.extend_from_slice(
                 format!("X-Tenso-Reputation: {}; {reason}\r\n", hit.zone).as_bytes(),
             );
         }
-        msg.extend_from_slice(&body);
+        rest.extend_from_slice(&body);
         drop(body);
+        // Our trace fields for a copy with queue id `id`. RFC 7208 §9.1: Received-SPF
+        // goes above the Received field of this hop.
+        let trace = |s: &Self, id: &str| {
+            let mut head = Vec::with_capacity(1024);
+            if let Some(r) = &tx.spf.received_spf {
+                head.extend_from_slice(r.as_bytes());
+            }
+            s.write_received(&mut head, id, &helo, &tx.targets, tx.smtputf8);
+            head
+        };
+        let mut msg = trace(self, &id);
+        msg.extend_from_slice(&rest);
+
+        let mut targets = tx.targets.clone();
+        self.drop_discarded(&id, &mut targets);
+        let gate = match self.spam_gate(&id, &tx, &mut targets, &msg).await {
+            Ok(g) => g,
+            Err(reply) => return self.reply(reply),
+        };
+        let plain_rest = gate.splits().then_some(rest);
+        let mut msg = gate.annotate(msg);
         if let Some(signer) = &self.ctx.signer {
             msg = signer.sign_prepend(msg);
         }
-
-        let mut targets = tx.targets.clone();
         let unknown = self.unknown_recipients(&id, &tx, &mut targets);
 
         // Bounces coming home to an alias (proposal 2) go through its bounce policy.
@@ -207,15 +224,60 @@ impl Session {
         self.messages += 1;
         if rcpts.is_empty() {
             // Everything was pooled, bounced or discarded above, durably.
-            tracing::info!(queue_id = %id, client = %client, from = %tx.reverse_path, auth = %verdict.summary, "accepted; nothing to forward");
+            tracing::info!(queue_id = %id, client = %client, from = %tx.reverse_path, auth = %verdict.summary, spam = %gate.summary, "accepted; nothing to forward");
             return self.reply(Reply::new(250, "2.0.0", format!("Ok ({id})")));
         }
+        // Aliases with spam policy `off` get the untouched copy, in a queue file of
+        // its own, committed first: the 250 below covers both.
+        let (plain, rcpts): (Vec<_>, Vec<_>) = match &plain_rest {
+            Some(_) => rcpts.into_iter().partition(|r| gate.is_plain(&r.orig)),
+            None => (Vec::new(), rcpts),
+        };
+        let notes = [verdict.summary.as_str(), gate.summary.as_str()];
+        if let (Some(rest), false) = (plain_rest, plain.is_empty()) {
+            let id2 = self.ctx.spool.new_id();
+            let mut copy = trace(self, &id2);
+            copy.extend_from_slice(&rest);
+            if let Some(signer) = &self.ctx.signer {
+                copy = signer.sign_prepend(copy);
+            }
+            if let Err(reply) = self.commit_copy(&tx, &id2, &helo, plain, copy, notes).await {
+                return self.reply(reply);
+            }
+        }
+        if !rcpts.is_empty()
+            && let Err(reply) = self.commit_copy(&tx, &id, &helo, rcpts, msg, notes).await
+        {
+            return self.reply(reply);
+        }
+        if n_unknown > 0 {
+            self.ctx
+                .counters
+                .unknown_bounced
+                .fetch_add(n_unknown as u64, Ordering::Relaxed);
+            tracing::info!(queue_id = %id, to = %tx.reverse_path, unknown = n_unknown, "unknown recipients: DSN to the sender is due");
+        }
+        self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+    }
+
+    /// Commits one copy for `rcpts` and hands it to the queue. `notes` are the auth
+    /// and spam summaries for the log line.
+    async fn commit_copy(
+        &mut self,
+        tx: &Transaction,
+        id: &str,
+        helo: &str,
+        rcpts: Vec<Rcpt>,
+        msg: Vec<u8>,
+        [auth, spam]: [&str; 2],
+    ) -> Result<(), Reply> {
+        let client = self.peer.ip();
         let env = Envelope {
-            id: id.clone(),
+            id: id.to_string(),
             kind: MessageKind::Relay,
             arrival: crate::time::unix_now(),
             client_ip: Some(client),
-            helo,
+            helo: helo.to_string(),
             reverse_path: tx.reverse_path.clone(),
             env_id: None,
             smtputf8: tx.smtputf8,
@@ -230,7 +292,7 @@ impl Session {
         let msg = Arc::new(msg);
         if let Err(e) = self.ctx.spool.commit(&env, msg.clone()).await {
             tracing::error!(queue_id = %id, client = %client, error = %e, "cannot commit message");
-            return self.reply(self.ctx.storage_failure(e.is_no_space()));
+            return Err(self.ctx.storage_failure(e.is_no_space()));
         }
         tracing::info!(
             queue_id = %id,
@@ -238,18 +300,12 @@ impl Session {
             from = %env.reverse_path,
             nrcpt = tx.targets.len(),
             size = env.size,
-            auth = %verdict.summary,
+            auth = %auth,
+            spam = %spam,
             "accepted"
         );
-        if n_unknown > 0 {
-            self.ctx
-                .counters
-                .unknown_bounced
-                .fetch_add(n_unknown as u64, Ordering::Relaxed);
-            tracing::info!(queue_id = %id, to = %tx.reverse_path, unknown = n_unknown, "unknown recipients: DSN to the sender is due");
-        }
         self.ctx.queue.enqueue(env, Some(msg));
-        self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+        Ok(())
     }
 
     /// Unknown recipients accepted under `unknown_recipient = "accept"`: taken out of

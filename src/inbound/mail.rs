@@ -10,7 +10,7 @@ use crate::config::{ListAction, UnknownRecipient};
 use crate::forward::Target;
 use crate::smtp::Reply;
 use crate::smtp::address::{AddressError, Path, check_alias, extract_path, parse_path, split_path};
-use crate::table::RcptLookup;
+use crate::table::{AliasState, RcptLookup};
 use smtp_proto::{MAIL_SMTPUTF8, MailFrom, RcptTo};
 use std::sync::atomic::Ordering;
 
@@ -243,10 +243,13 @@ impl Session {
         let is_postmaster = m.local.eq_ignore_ascii_case("postmaster");
         match found {
             Some(f) if !is_postmaster || f.kind == crate::table::MatchKind::Exact => {
-                self.accept(Target::Alias {
-                    written: m,
-                    found: f,
-                })
+                match self.alias_state_reply(&f) {
+                    Some(refusal) => refusal,
+                    None => self.accept(Target::Alias {
+                        written: m,
+                        found: f,
+                    }),
+                }
             }
             _ if is_postmaster => self.accept(Target::Postmaster {
                 written: m.to_string(),
@@ -273,6 +276,29 @@ impl Session {
                 Reply::new(550, "5.1.1", "user unknown")
             }
         }
+    }
+
+    /// The reply for an alias that is not taking mail (`tenso user set --state`), or
+    /// None to accept (`discard` is accepted here and dropped at DATA).
+    fn alias_state_reply(&self, f: &crate::table::Found) -> Option<Reply> {
+        let c = &self.ctx.counters.spam;
+        let reply = match f.entry.state {
+            AliasState::Active | AliasState::Discard => return None,
+            AliasState::Defer => {
+                c.alias_deferred.fetch_add(1, Ordering::Relaxed);
+                Reply::new(
+                    450,
+                    "4.2.1",
+                    "mailbox temporarily disabled, try again later",
+                )
+            }
+            AliasState::Reject => {
+                c.alias_rejected.fetch_add(1, Ordering::Relaxed);
+                Reply::new(550, "5.2.1", "mailbox disabled")
+            }
+        };
+        tracing::info!(client = %self.peer.ip(), alias = %f.alias, state = %f.entry.state, "rcpt refused: alias disabled");
+        Some(reply)
     }
 
     /// The talk's slow-down: a client that names unknown users waits longer for

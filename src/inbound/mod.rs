@@ -9,6 +9,7 @@
 mod data;
 mod mail;
 mod session;
+mod spam;
 pub mod stream;
 pub mod tls;
 
@@ -57,12 +58,57 @@ pub struct Counters {
     /// `452 4.3.1`: the spool's disk is short of `min_free_space` (at MAIL) or full
     /// (at the commit).
     pub no_space: AtomicU64,
+    /// The spam gate, per message (quarantined: per alias copy).
+    pub spam: SpamCounters,
+}
+
+/// What the spam gate did (README "Spam gate").
+#[derive(Default, Debug)]
+pub struct SpamCounters {
+    pub spam_clean: AtomicU64,
+    pub spam_tagged: AtomicU64,
+    pub spam_quarantined: AtomicU64,
+    pub spam_rejected: AtomicU64,
+    pub spam_tempfailed: AtomicU64,
+    /// Judged spam, forwarded untouched to aliases whose policy is `off`.
+    pub spam_forwarded_off: AtomicU64,
+    /// rspamd could not judge (down, slow, bad answer) and mail flowed unscanned.
+    pub spam_unscanned: AtomicU64,
+    /// Every failed rspamd call, whatever `on_error` then did.
+    pub spam_errors: AtomicU64,
+    /// Over `[spam] max_size`: not scanned.
+    pub spam_oversize: AtomicU64,
+    pub alias_discarded: AtomicU64,
+    pub alias_deferred: AtomicU64,
+    pub alias_rejected: AtomicU64,
+}
+
+impl SpamCounters {
+    fn snapshot(&self, into: &mut serde_json::Value) {
+        let g = |a: &AtomicU64| serde_json::json!(a.load(Ordering::Relaxed));
+        for (name, v) in [
+            ("spam_clean", &self.spam_clean),
+            ("spam_tagged", &self.spam_tagged),
+            ("spam_quarantined", &self.spam_quarantined),
+            ("spam_rejected", &self.spam_rejected),
+            ("spam_tempfailed", &self.spam_tempfailed),
+            ("spam_forwarded_off", &self.spam_forwarded_off),
+            ("spam_unscanned", &self.spam_unscanned),
+            ("spam_errors", &self.spam_errors),
+            ("spam_oversize", &self.spam_oversize),
+            ("alias_discarded", &self.alias_discarded),
+            ("alias_deferred", &self.alias_deferred),
+            ("alias_rejected", &self.alias_rejected),
+        ] {
+            into[name] = g(v);
+        }
+    }
 }
 
 impl Counters {
     pub fn snapshot(&self) -> serde_json::Value {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "sessions": g(&self.sessions),
             "accepted": g(&self.accepted),
             "rejected_rcpt": g(&self.rejected_rcpt),
@@ -85,7 +131,9 @@ impl Counters {
             "reputation_rejected": g(&self.reputation_rejected),
             "reputation_recorded": g(&self.reputation_recorded),
             "no_space": g(&self.no_space),
-        })
+        });
+        self.spam.snapshot(&mut v);
+        v
     }
 }
 
@@ -102,6 +150,8 @@ pub struct Inbound {
     pub limiter: Limiter,
     /// Inbound STARTTLS; None when `[tls] starttls = false`.
     pub tls: Option<TlsAcceptor>,
+    /// The spam gate's rspamd; None when `[spam] rspamd_url` is unset.
+    pub spam: Option<crate::policy::spam::Rspamd>,
     permits: Arc<Semaphore>,
 }
 
@@ -126,7 +176,16 @@ impl Inbound {
     }
 
     pub fn new(cfg: Arc<Config>, p: Parts) -> Arc<Inbound> {
+        // The URL was checked by config validation.
+        let spam = cfg.spam.rspamd_url.as_deref().and_then(|u| {
+            crate::policy::spam::Rspamd::new(u, cfg.spam.timeout)
+                .inspect_err(
+                    |e| tracing::error!(error = %e, "[spam] rspamd_url unusable: gate off"),
+                )
+                .ok()
+        });
         Arc::new(Inbound {
+            spam,
             limiter: Limiter::new(&cfg.limits),
             permits: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
             table: p.table,

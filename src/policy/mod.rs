@@ -17,6 +17,7 @@ pub mod dns_check;
 pub mod lookup;
 pub mod reputation;
 pub mod seal;
+pub mod spam;
 pub mod spf;
 pub mod stage;
 

@@ -14,7 +14,7 @@
 pub mod fwdlog;
 pub mod import;
 
-use crate::config::BouncePolicy;
+use crate::config::{BouncePolicy, SpamPolicy};
 use crate::smtp::address::{Mailbox, check_alias};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,59 @@ pub struct AliasEntry {
     pub updated: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dmarc_preflight: Option<String>,
+    /// Own spam policy; None follows `[spam] default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spam: Option<SpamPolicy>,
+    #[serde(default, skip_serializing_if = "AliasState::is_active")]
+    pub state: AliasState,
+}
+
+/// Whether an alias takes mail (`tenso user set --state`). Acts at RCPT for the alias
+/// named there; inside an alias chain a disabled alias's branch is dropped (see
+/// `forward::expand`). A disabled alias costs no delivery attempt, no bounce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AliasState {
+    #[default]
+    Active,
+    /// 250, then dropped (counted `alias_discarded`).
+    Discard,
+    /// 450 4.2.1 at RCPT.
+    Defer,
+    /// 550 5.2.1 at RCPT.
+    Reject,
+}
+
+impl AliasState {
+    pub fn is_active(&self) -> bool {
+        *self == AliasState::Active
+    }
+}
+
+impl std::fmt::Display for AliasState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AliasState::Active => "active",
+            AliasState::Discard => "discard",
+            AliasState::Defer => "defer",
+            AliasState::Reject => "reject",
+        })
+    }
+}
+
+impl std::str::FromStr for AliasState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(AliasState::Active),
+            "discard" => Ok(AliasState::Discard),
+            "defer" => Ok(AliasState::Defer),
+            "reject" => Ok(AliasState::Reject),
+            _ => Err(format!(
+                "unknown alias state {s:?} (expected active, discard, defer or reject)"
+            )),
+        }
+    }
 }
 
 /// How a recipient matched the table.
@@ -508,6 +561,8 @@ impl Table {
             created: now,
             updated: now,
             dmarc_preflight: None,
+            spam: None,
+            state: AliasState::Active,
         };
         // compare_and_swap makes "add" refuse a concurrent add of the same alias.
         self.aliases
@@ -633,6 +688,8 @@ impl Table {
                         created: old.as_ref().map_or(now, |o| o.created),
                         updated: now,
                         dmarc_preflight: old.as_ref().and_then(|o| o.dmarc_preflight.clone()),
+                        spam: old.as_ref().and_then(|o| o.spam),
+                        state: old.as_ref().map_or(AliasState::Active, |o| o.state),
                     };
                     pending.insert(name.key(), entry);
                     names.push((name, e.line));
@@ -925,6 +982,33 @@ mod tests {
         );
         t.remove("h@x.test").unwrap();
         assert!(t.all_health().unwrap().is_empty());
+    }
+
+    #[test]
+    fn spam_policy_and_state_default_for_old_entries() {
+        // An entry written before the spam gate existed: spam follows the default,
+        // the alias is active, and nothing new is written for such entries.
+        let old = br#"{"dests":["a@d.test"],"bounce":"pool","created":1,"updated":1}"#;
+        let e = decode(old).unwrap();
+        assert_eq!((e.spam, e.state), (None, AliasState::Active));
+        assert_eq!(encode(&e), old.to_vec());
+        let (_d, t) = table();
+        t.add("a@x.test", &s(&["a@dest.test"]), BouncePolicy::Pool)
+            .unwrap();
+        t.update("a@x.test", |e| {
+            e.spam = Some(SpamPolicy::Off);
+            e.state = AliasState::Defer;
+        })
+        .unwrap();
+        let e = t.get("a@x.test").unwrap();
+        assert_eq!(
+            (e.spam, e.state),
+            (Some(SpamPolicy::Off), AliasState::Defer)
+        );
+        for st in ["active", "discard", "defer", "reject"] {
+            assert_eq!(st.parse::<AliasState>().unwrap().to_string(), st);
+        }
+        assert!("paused".parse::<AliasState>().is_err());
     }
 
     #[test]

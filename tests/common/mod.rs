@@ -7,6 +7,7 @@
 //! - [`smtp_client`]: a raw SMTP client for byte-exact conversations;
 //! - [`daemon`]: runs the real `tenso` binary with a temporary data directory;
 //! - [`postfix_sink`]: Postfix's `smtp-sink` as an independent peer.
+//! - [`rspamd`]: a private rspamd (Debian package) with its own ports and dirs.
 //!
 //! Every server binds 127.0.0.1 on an ephemeral port, every wait is bounded by a
 //! timeout, and everything is stopped when its handle is dropped.
@@ -15,6 +16,7 @@
 pub mod daemon;
 pub mod dns;
 pub mod postfix_sink;
+pub mod rspamd;
 pub mod sink;
 pub mod smtp_client;
 pub mod tls;
