@@ -93,6 +93,18 @@ pub struct SmtpConfig {
     /// Unknown recipients in a local domain: `reject` (550 5.1.1 at RCPT) or `accept`
     /// (250, then a DSN to the sender unless SPF failed: proposal 1b).
     pub unknown_recipient: UnknownRecipient,
+    /// Free bytes the spool's file system must keep: below it, MAIL gets `452 4.3.1`
+    /// (like Postfix's `queue_minfree`). Default: 2 × `max_message_size` + 100 MiB.
+    /// 0 turns the check off (a commit that meets a full disk still gets `452 4.3.1`).
+    pub min_free_space: Option<u64>,
+}
+
+impl SmtpConfig {
+    /// `min_free_space`, or its default derived from `max_message_size`.
+    pub fn min_free_space(&self) -> u64 {
+        self.min_free_space
+            .unwrap_or(2 * self.max_message_size as u64 + 100 * 1024 * 1024)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,6 +459,10 @@ pub struct PoolConfig {
     /// Mail each alias a digest of waiting bounces this often (off when absent).
     #[serde(with = "humantime_serde::option")]
     pub digest: Option<Duration>,
+    /// A group that may read the pools (e.g. Dovecot's): pool directories become 0750
+    /// and pooled files 0640, owned by this group, and the data dir 0710 so the group
+    /// can reach `pool/` but list nothing else. Unset: everything owner-only.
+    pub group: Option<String>,
 }
 
 impl Default for PoolConfig {
@@ -455,6 +471,7 @@ impl Default for PoolConfig {
             max_messages: 1000,
             max_bytes: 50 * 1024 * 1024,
             digest: None,
+            group: None,
         }
     }
 }
@@ -651,6 +668,7 @@ impl Default for SmtpConfig {
             data_timeout: Duration::from_secs(180),
             max_connections: 10_000,
             unknown_recipient: UnknownRecipient::Reject,
+            min_free_space: None,
         }
     }
 }
@@ -740,7 +758,10 @@ impl Config {
                 })?
             }
         };
+        let mut cfg = cfg;
         cfg.validate()?;
+        // Shown by `tenso config check` as the value in force, not as "unset".
+        cfg.smtp.min_free_space = Some(cfg.smtp.min_free_space());
         Ok(cfg)
     }
 
@@ -811,6 +832,11 @@ impl Config {
         if set.iter().any(|x| *x) && !set.iter().all(|x| *x) {
             return bad("[dkim] needs domain, selector and key together".into());
         }
+        if let Some(g) = &self.pool.group
+            && crate::disk::group_id(g).is_none()
+        {
+            return bad(format!("[pool] group {g:?}: no such group"));
+        }
         self.validate_spam()?;
         if self.delivery.mta_sts_port == 0 {
             return bad("[delivery] mta_sts_port must not be 0".into());
@@ -874,6 +900,13 @@ impl Config {
     }
     pub fn socket_path(&self) -> PathBuf {
         self.data_dir.join("tenso.sock")
+    }
+    /// Modes of the pool tree: owner-only, or group-readable with `[pool] group`.
+    pub fn pool_modes(&self) -> crate::disk::Modes {
+        match self.pool.group.as_deref().and_then(crate::disk::group_id) {
+            Some(gid) => crate::disk::Modes::group_readable(gid),
+            None => crate::disk::PRIVATE,
+        }
     }
 }
 

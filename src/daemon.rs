@@ -1,11 +1,13 @@
 //! `tenso serve`: wires the services together, handles signals, drains on exit.
 //!
-//! Order at start: lock and open the table (a second daemon stops here with a clear
-//! message), recover the spool, start the queue, bind the admin socket and the SMTP
-//! listeners, then announce the bound addresses in `DATA_DIR/tenso.listen`.
+//! Order at start: check the data dir (owned by us, not world-writable; modes of our
+//! subtrees tightened), lock and open the table (a second daemon stops here with a
+//! clear message), recover the spool, start the queue, bind the admin socket and the
+//! SMTP listeners, then announce the bound addresses in `DATA_DIR/tenso.listen`.
 
 use crate::config::Config;
 use crate::control::server as control_server;
+use crate::disk::{self, Modes};
 use crate::spool::Spool;
 use crate::table::{Table, TableError};
 use anyhow::{Context, bail};
@@ -15,12 +17,85 @@ use tokio::sync::watch;
 
 pub fn open_table(cfg: &Config) -> Result<Table, TableError> {
     let sep = cfg.subaddress_separator.chars().next();
-    Table::open(
+    let t = Table::open(
         &cfg.table_dir(),
         cfg.table.cache_bytes,
         sep,
         cfg.delivery.max_alias_depth,
-    )
+    )?;
+    // sled creates its files with the process umask (077 in the binary); a library
+    // caller or an older install may have left them wider: tighten, never widen.
+    match disk::tighten(&cfg.table_dir(), disk::PRIVATE) {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!(fixed = n, dir = %cfg.table_dir().display(), "table files were readable by others: modes tightened")
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot check the modes of the table files"),
+    }
+    Ok(t)
+}
+
+/// The data dir's own modes: owner-only, or 0710 in the pool's group so an IMAP
+/// server of that group can reach `pool/` (and list nothing else).
+fn top_modes(cfg: &Config) -> Modes {
+    match cfg.pool_modes().gid {
+        Some(g) => Modes {
+            dir: 0o710,
+            file: 0o600,
+            gid: Some(g),
+        },
+        None => disk::PRIVATE,
+    }
+}
+
+/// Checks the data dir before anything is opened, creating it (0700) when missing:
+/// it must belong to the user tenso runs as and must not be world-writable (refused);
+/// world-readable is warned about. Our subtrees (queue, quarantine, table, tls,
+/// pool) get their modes tightened, whatever a loose umask once made of them.
+pub fn prepare_data_dir(cfg: &Config) -> anyhow::Result<()> {
+    let dir = &cfg.data_dir;
+    let top = top_modes(cfg);
+    if !dir.exists() {
+        disk::create_dir_durable(dir, top)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
+    }
+    let (uid, _, mode) = disk::owner_and_mode(dir)
+        .with_context(|| format!("checking data dir {}", dir.display()))?;
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid != me {
+        bail!(
+            "data dir {} belongs to uid {uid}, but tenso runs as uid {me}: run tenso as the \
+             data dir's owner (files another user writes may be unwritable for the daemon)",
+            dir.display()
+        );
+    }
+    if mode & 0o002 != 0 {
+        bail!(
+            "refusing to use data dir {}: it is world-writable (mode {mode:04o}); \
+             `chmod 700` it",
+            dir.display()
+        );
+    }
+    if top.gid.is_some() {
+        disk::set_dir_mode(dir, top).with_context(|| format!("chmod {}", dir.display()))?;
+    } else if mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = %format!("{mode:04o}"), "data dir is accessible to other users; tenso keeps everything below it owner-only, but `chmod 700` it");
+    }
+    let private = ["queue", "quarantine", "table", "tls"].map(|s| (s, disk::PRIVATE));
+    for (sub, m) in private.into_iter().chain([("pool", cfg.pool_modes())]) {
+        let path = dir.join(sub);
+        let fixed = if m.gid.is_some() {
+            disk::apply(&path, m)
+        } else {
+            disk::tighten(&path, m)
+        }
+        .with_context(|| format!("fixing modes under {}", path.display()))?;
+        if fixed > 0 {
+            tracing::warn!(dir = %path.display(), fixed, "file modes were wider than tenso's: tightened");
+        }
+    }
+    Ok(())
 }
 
 pub fn open_spool(cfg: &Config) -> anyhow::Result<Spool> {
@@ -29,8 +104,7 @@ pub fn open_spool(cfg: &Config) -> anyhow::Result<Spool> {
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    prepare_data_dir(&cfg)?;
     let table = match open_table(&cfg) {
         Ok(t) => t,
         Err(TableError::Locked(_)) => bail!(
@@ -45,6 +119,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         queued = recovered.envelopes.len(),
         partial_removed = recovered.partial_removed,
         quarantined = recovered.quarantined,
+        env_fallbacks = recovered.env_fallbacks,
         aliases = table.count(),
         "spool recovered"
     );
@@ -88,6 +163,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let status_inbound = inbound.clone();
     let status_queue = queue.clone();
     let status_bounce = bounce.clone();
+    let status_spool = spool.clone();
     let status_delivery = delivery.clone();
     let server = Arc::new(control_server::Server {
         cfg: cfg.clone(),
@@ -104,6 +180,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 "pool": {
                     "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
                     "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
+                },
+                "spool": {
+                    "env_fallbacks": status_spool.env_fallbacks(),
+                },
+                "maps": {
+                    "limiter_clients": status_inbound.limiter.tracked(),
+                    "delivery": status_delivery.map_sizes(),
                 },
             })
         }),
@@ -156,7 +239,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let listen_file = cfg.data_dir.join("tenso.listen");
     let tmp = cfg.data_dir.join("tenso.listen.tmp");
-    std::fs::write(&tmp, announce).and_then(|_| std::fs::rename(&tmp, &listen_file))?;
+    disk::create_file(&tmp, disk::PRIVATE, true)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, announce.as_bytes()))
+        .and_then(|_| std::fs::rename(&tmp, &listen_file))
+        .with_context(|| format!("writing {}", listen_file.display()))?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

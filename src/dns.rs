@@ -35,9 +35,10 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::dnssec::TrustAnchors;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use parking_lot::Mutex;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -351,7 +352,7 @@ impl Dns {
     /// that only DNS can end.
     pub async fn refusal(&self) {
         let servers = &self.inner.servers;
-        let fresh = *self.inner.health.lock().expect("health lock");
+        let fresh = *self.inner.health.lock();
         match fresh {
             _ if servers.is_empty() => {}
             Some((Health::Refusing, at)) if at.elapsed() < REFUSING_FRESH => return,
@@ -369,7 +370,7 @@ impl Dns {
                     None
                 };
                 if let Some(h) = health {
-                    *self.inner.health.lock().expect("health lock") = Some((h, Instant::now()));
+                    *self.inner.health.lock() = Some((h, Instant::now()));
                     if h == Health::Refusing {
                         tracing::warn!(servers = ?servers, "{REFUSED}");
                         return;

@@ -14,7 +14,7 @@
 //!                                    bounce (DSNs, pool, 2a/2b) ◄─────────────┘
 //! control ◄─ cli   (admin commands go through the running daemon: sled locks its db)
 //! ```
-//! Layers, lowest first: `smtp`, `config`, `time` (base) → `spool`, `table` (state) →
+//! Layers, lowest first: `smtp`, `config`, `time`, `disk` (base) → `spool`, `table` (state) →
 //! `forward` (logic) → `inbound`, `queue`, `control` (services) → `daemon`, `cli`.
 //!
 //! # Glossary (RFC 5321 words)
@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod delivery;
+pub mod disk;
 pub mod dns;
 pub mod forward;
 pub mod inbound;

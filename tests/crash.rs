@@ -13,11 +13,17 @@
 //!   quarantined anything (the quarantine dir is empty or absent), and
 //!   `tenso queue list --json` is empty.
 //!
+//! A second case runs the data dir on a small tmpfs and fills it in the middle of the
+//! kill-and-restart run (issue 11): MAIL gets `452 4.3.1`, the daemon is killed and
+//! restarted while the disk is short, space returns, mail flows again — and still
+//! every acknowledged message arrives and the spool ends empty.
+//!
 //! The kill delays come from a seeded RNG. The seed is printed; `TENSO_CRASH_SEED=<n>`
 //! replays the same kill schedule (the interleaving with the load still varies).
 //! Run with `--nocapture` to see the summary line.
 
 mod common;
+mod tmpfs_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -113,9 +119,9 @@ fn id_of_message_id(v: &str) -> Option<u64> {
         .ok()
 }
 
-fn config(dns: &TestDns, sink: &TestSink) -> String {
+fn config(dns: &TestDns, sink: &TestSink, smtp_extra: &str) -> String {
     format!(
-        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n\n\
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n{smtp_extra}\n\
          [dns]\n{}\ntimeout = \"2s\"\n\n\
          [auth]\nspf = false\ndkim = false\n\n\
          [delivery]\nroutes = {{ \"*\" = \"{}\" }}\nconnect_timeout = \"3s\"\n\
@@ -236,7 +242,17 @@ async fn session(
     c.cmd("EHLO load.test", 250).await?;
     while !load.stop.load(Ordering::SeqCst) {
         let id = load.next_id.fetch_add(1, Ordering::SeqCst);
-        c.cmd(&format!("MAIL FROM:<{FROM}>"), 250).await?;
+        c.send(format!("MAIL FROM:<{FROM}>\r\n").as_bytes()).await?;
+        let (code, text) = c.reply().await?;
+        if code == 452 {
+            // The disk is short of space: a clean refusal; try again shortly.
+            load.refused.lock().unwrap().push((id, code, text));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        if code != 250 {
+            return Err(proto_err(format!("MAIL got {code} {text}")));
+        }
         c.cmd(&format!("RCPT TO:<{ALIAS}>"), 250).await?;
         c.cmd("DATA", 354).await?;
         // No line of `message` starts with a dot: nothing to stuff.
@@ -473,7 +489,7 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
 
     let dns = TestDns::builder().start().await;
     let sink = TestSink::start().await;
-    let mut t = Tenso::prepare(&config(&dns, &sink));
+    let mut t = Tenso::prepare(&config(&dns, &sink, ""));
     let o = t.cli_async(&["user", "add", ALIAS, DEST]).await;
     assert!(
         o.status.success(),
@@ -689,4 +705,137 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     assert!(kills.len() >= 10);
     assert!(!acked.is_empty());
     t.stop().await;
+}
+
+/// The number of load refusals with code 452 so far.
+fn refused_452(load: &Load) -> usize {
+    load.refused
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.1 == 452)
+        .count()
+}
+
+/// Waits (bounded) until `cond` holds for the load; panics with the log otherwise.
+async fn wait_load(t: &Tenso, what: &str, cond: impl Fn() -> bool) {
+    let ok = common::wait_until(FLOW_TIMEOUT, || async { cond().then_some(()) }).await;
+    assert!(
+        ok.is_some(),
+        "{what} within {FLOW_TIMEOUT:?}\n{}",
+        tail(&t.log(), 60)
+    );
+}
+
+/// Kill -9 and restart once traffic flows (the daemon acknowledged something new).
+async fn kill_under_load(t: &mut Tenso, load: &Load, rng: &mut Rng, start: usize) {
+    let base = load.acked_count();
+    wait_load(t, "no message acknowledged", || load.acked_count() > base).await;
+    tokio::time::sleep(Duration::from_millis(
+        rng.range(KILL_DELAY_MS.0, KILL_DELAY_MS.1),
+    ))
+    .await;
+    *load.addr.lock().unwrap() = None;
+    t.kill9().await;
+    let bad = crash_point_problems(&t.data_dir().join("queue"));
+    assert!(bad.is_empty(), "spool right after a kill: {bad:#?}");
+    t.launch().await;
+    *load.addr.lock().unwrap() = Some((t.smtp_addr(), start));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_fills_during_kill_and_restart_and_nothing_is_lost() {
+    const MIB: u64 = 1024 * 1024;
+    let seed = seed();
+    println!("crash test (disk fills): seed={seed} (replay with TENSO_CRASH_SEED={seed})");
+    let mut rng = Rng(seed);
+    let dns = TestDns::builder().start().await;
+    let sink = TestSink::start().await;
+    let mut t = Tenso::prepare(&config(
+        &dns,
+        &sink,
+        &format!("min_free_space = {}", 8 * MIB),
+    ));
+    let Some(fs) = tmpfs_support::Tmpfs::mount(t.data_dir(), 40) else {
+        return;
+    };
+    let o = t.cli_async(&["user", "add", ALIAS, DEST]).await;
+    assert!(
+        o.status.success(),
+        "user add: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    t.launch().await;
+    let load = Arc::new(Load::default());
+    *load.addr.lock().unwrap() = Some((t.smtp_addr(), 0));
+    let clients: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(load_loop(load.clone())))
+        .collect();
+
+    kill_under_load(&mut t, &load, &mut rng, 1).await;
+    // The disk fills (below min_free_space, with room for the daemon to restart).
+    let filler = fs.fill(4 * MIB);
+    wait_load(&t, "no 452 while the disk is short", || {
+        refused_452(&load) > 0
+    })
+    .await;
+    *load.addr.lock().unwrap() = None;
+    t.kill9().await;
+    t.launch().await;
+    *load.addr.lock().unwrap() = Some((t.smtp_addr(), 2));
+    let before = refused_452(&load);
+    wait_load(&t, "no 452 after the restart on a short disk", || {
+        refused_452(&load) > before
+    })
+    .await;
+    // Space returns: the same daemon takes mail again, then more kills.
+    std::fs::remove_file(&filler).unwrap();
+    kill_under_load(&mut t, &load, &mut rng, 3).await;
+    kill_under_load(&mut t, &load, &mut rng, 4).await;
+
+    load.stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        tokio::time::timeout(STOP_TIMEOUT, c)
+            .await
+            .expect("a load session did not stop")
+            .expect("load session panicked");
+    }
+    let acked: BTreeSet<u64> = load.acked.lock().unwrap().iter().map(|a| a.0).collect();
+    let arrived = common::wait_until(ARRIVAL_TIMEOUT, || async {
+        let a = arrivals(&sink.messages());
+        acked.iter().all(|id| a.count.contains_key(id)).then_some(a)
+    })
+    .await;
+    let Some(a) = arrived else {
+        let a = arrivals(&sink.messages());
+        let missing: Vec<u64> = acked
+            .iter()
+            .filter(|id| !a.count.contains_key(id))
+            .copied()
+            .collect();
+        panic!(
+            "seed={seed}: acknowledged but not arrived: {missing:?}\n{}",
+            tail(&t.log(), 60)
+        );
+    };
+    assert!(a.corrupt.is_empty(), "seed={seed}: {:#?}", a.corrupt);
+    if let Err(q) = wait_queue_empty(&t).await {
+        panic!(
+            "seed={seed}: queue not empty: {q:#?}\n{}",
+            tail(&t.log(), 60)
+        );
+    }
+    let status = t.stop().await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    check_spool_empty(&t.data_dir().join("queue"), "after the disk-full run");
+    check_quarantine(&t, "after the disk-full run");
+    let full = refused_452(&load);
+    let refusals = load.refused.lock().unwrap().len();
+    println!(
+        "crash test (disk fills): seed={seed} acked={} arrived={} refused_452={full} other_refusals={}",
+        acked.len(),
+        a.total,
+        refusals - full,
+    );
+    assert!(!acked.is_empty());
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 fn layer(module: &str) -> Option<u8> {
     Some(match module {
-        "smtp" | "config" | "time" => 0,
+        "smtp" | "config" | "time" | "disk" => 0,
         "spool" | "table" | "rate" | "signing" | "dns" => 1,
         "forward" | "policy" | "delivery" | "bounce" => 2,
         "inbound" | "queue" | "control" => 3,
@@ -35,6 +35,11 @@ const ALLOWED: &[(&str, &str, &str)] = &[
         "config",
         "smtp",
         "validation parses the addresses and host:port values it holds",
+    ),
+    (
+        "config",
+        "disk",
+        "validation resolves `[pool] group` to a gid, as the pool will",
     ),
     (
         "cli",

@@ -747,9 +747,18 @@ fn truncate(s: &str, max: usize) -> &str {
 // Parsing
 // ---------------------------------------------------------------------------
 
+/// Most field groups [`parse_dsn`] reads from one report (the per-message group and
+/// the recipient groups). A report about one forwarded copy names a handful of
+/// destinations; one naming thousands is forged, and the rest of it is not read.
+pub const MAX_DSN_GROUPS: usize = 33;
+
 /// A standard delivery status notification, as read by [`parse_dsn`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParsedDsn {
+    /// Field groups read (at most [`MAX_DSN_GROUPS`]).
+    pub groups_read: usize,
+    /// The status part held more groups than were read.
+    pub truncated: bool,
     /// `Reporting-MTA`, type (`dns;`) stripped.
     pub reporting_mta: Option<String>,
     /// `Original-Envelope-Id`: the ENVID tenso sent the original with.
@@ -800,7 +809,10 @@ pub fn parse_dsn(raw: &[u8]) -> Option<ParsedDsn> {
         .find(|p| has_type(p, "message", &["delivery-status", "global-delivery-status"]))?;
 
     let mut dsn = ParsedDsn::default();
-    for group in field_groups(report.contents()) {
+    let (groups, truncated) = field_groups(report.contents(), MAX_DSN_GROUPS);
+    dsn.groups_read = groups.len();
+    dsn.truncated = truncated;
+    for group in groups {
         let get = |name: &str| {
             group
                 .iter()
@@ -851,15 +863,16 @@ pub fn parse_dsn(raw: &[u8]) -> Option<ParsedDsn> {
 
 /// Splits a delivery-status body into its groups (separated by empty lines)
 /// and parses each with mail-parser's header parser, which knows folding.
-/// Returns (name, unfolded value) pairs per group.
-fn field_groups(content: &[u8]) -> Vec<Vec<(String, String)>> {
+/// Returns (name, unfolded value) pairs per group, at most `max` groups, and whether
+/// more text followed the last group read (which is then left unparsed).
+fn field_groups(content: &[u8], max: usize) -> (Vec<Vec<(String, String)>>, bool) {
     // Lossy: a stray 8-bit byte must not make a whole field disappear
     // (mail-parser's raw accessors skip values that are not UTF-8).
     let text = String::from_utf8_lossy(content);
     let mut groups = Vec::new();
     let mut current = String::new();
     let parser = MessageParser::new();
-    let mut finish = |current: &mut String| {
+    let finish = |groups: &mut Vec<Vec<(String, String)>>, current: &mut String| {
         if current.is_empty() {
             return;
         }
@@ -875,17 +888,24 @@ fn field_groups(content: &[u8]) -> Vec<Vec<(String, String)>> {
         }
         current.clear();
     };
-    for line in text.split('\n') {
+    let mut lines = text.split('\n');
+    for line in lines.by_ref() {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
-            finish(&mut current);
+            finish(&mut groups, &mut current);
+            if groups.len() >= max {
+                break;
+            }
         } else {
             current.push_str(line);
             current.push_str("\r\n");
         }
     }
-    finish(&mut current);
-    groups
+    if groups.len() < max {
+        finish(&mut groups, &mut current);
+    }
+    let more = lines.any(|l| !l.trim().is_empty()) || !current.is_empty();
+    (groups, more)
 }
 
 /// Unfolds a raw field value and collapses whitespace runs.
@@ -1512,6 +1532,29 @@ Date: Tue, 03 Mar 2026 08:59:58 +0000\r\n"
             prev = b;
         }
         assert!(msg.ends_with(b"\r\n"), "no final CRLF");
+    }
+
+    #[test]
+    fn a_report_naming_thousands_is_read_only_so_far() {
+        let mut groups = String::from("Reporting-MTA: dns; mx.evil.test\r\n\r\n");
+        for i in 0..4000 {
+            groups.push_str(&format!(
+                "Final-Recipient: rfc822; u{i}@evil.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+            ));
+        }
+        let msg = format!(
+            "From: MAILER-DAEMON@evil.test\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n\
+             --b\r\nContent-Type: text/plain\r\n\r\nno\r\n\
+             --b\r\nContent-Type: message/delivery-status\r\n\r\n{groups}--b--\r\n"
+        );
+        let p = parse_dsn(msg.as_bytes()).expect("parses");
+        assert_eq!(p.groups_read, MAX_DSN_GROUPS);
+        assert!(p.truncated);
+        assert_eq!(p.recipients.len(), MAX_DSN_GROUPS - 1);
+        assert_eq!(p.recipients[31].final_recipient, "u31@evil.test");
+        let small = parse_dsn(POSTFIX).expect("postfix DSN");
+        assert!(!small.truncated, "{small:?}");
     }
 
     #[test]

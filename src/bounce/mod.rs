@@ -17,9 +17,14 @@ use crate::smtp::header::header_section;
 use crate::spool::{Envelope, MessageKind, Rcpt, RcptState, Spool};
 use crate::table::Table;
 use dsn::{Action, DsnRecipient, DsnReport};
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+/// Aliases whose forwarded bounces are counted at once (the current hour's). At the
+/// bound, a bounce for an alias not yet counted is pooled instead of forwarded.
+const MAX_RATE_ENTRIES: usize = 100_000;
 
 #[derive(Default, Debug)]
 pub struct Counters {
@@ -32,6 +37,15 @@ pub struct Counters {
     pub correlated: AtomicU64,
     pub uncorrelated: AtomicU64,
     pub digests: AtomicU64,
+    /// Field groups read from incoming reports (each report: at most
+    /// `dsn::MAX_DSN_GROUPS`).
+    pub dsn_groups_read: AtomicU64,
+    /// Incoming reports with more groups than are read.
+    pub dsn_truncated: AtomicU64,
+    /// Reports tied to a forwarded copy that named none of its destinations.
+    pub final_recipient_mismatch: AtomicU64,
+    /// Destination health entries written.
+    pub health_updates: AtomicU64,
 }
 
 impl Counters {
@@ -47,6 +61,10 @@ impl Counters {
             "correlated": g(&self.correlated),
             "uncorrelated": g(&self.uncorrelated),
             "digests": g(&self.digests),
+            "dsn_groups_read": g(&self.dsn_groups_read),
+            "dsn_truncated": g(&self.dsn_truncated),
+            "final_recipient_mismatch": g(&self.final_recipient_mismatch),
+            "health_updates": g(&self.health_updates),
         })
     }
 }
@@ -75,6 +93,7 @@ impl Bounce {
     ) -> Bounce {
         let pool = Arc::new(pool::Pool::new(
             cfg.pool_dir(),
+            cfg.pool_modes(),
             &cfg.hostname,
             cfg.pool.max_messages,
             cfg.pool.max_bytes,
@@ -93,9 +112,13 @@ impl Bounce {
     /// Takes one forwarded-bounce slot for `alias`; false when over the hourly limit.
     fn take_forward_slot(&self, alias: &str) -> bool {
         let hour = crate::time::unix_now() / 3600;
-        let mut rate = self.rate.lock().expect("rate lock");
-        if rate.len() > 100_000 {
+        let mut rate = self.rate.lock();
+        if rate.len() >= MAX_RATE_ENTRIES && !rate.contains_key(alias) {
             rate.retain(|_, (h, _)| *h == hour);
+            if rate.len() >= MAX_RATE_ENTRIES {
+                // Pooled, not lost, and no counter of this hour is forgotten.
+                return false;
+            }
         }
         let e = rate.entry(alias.to_string()).or_insert((hour, 0));
         if e.0 != hour {
@@ -293,17 +316,39 @@ impl Bounce {
         Ok(q)
     }
 
-    /// Records a forwarded copy for bounce correlation (ENVID = queue id, Message-ID).
-    pub fn record_forward(&self, queue_id: &str, rcpt: &Rcpt, message_id: Option<String>) {
-        let rec = crate::table::fwdlog::FwdRecord {
-            queue_id: queue_id.to_string(),
-            alias: rcpt.alias.clone(),
-            dests: vec![rcpt.dest.clone()],
-            message_id,
-            at: crate::time::unix_now(),
-        };
-        if let Err(e) = self.table.fwdlog().and_then(|l| l.record(&rec)) {
-            tracing::warn!(queue_id, error = %e, "cannot record forwarded copy");
+    /// Records forwarded copies for bounce correlation (ENVID = queue id, Message-ID):
+    /// one record per (alias, destination) delivered. sled writes run on the blocking
+    /// pool, never on the delivery path's async workers.
+    pub async fn record_forwards(
+        &self,
+        queue_id: &str,
+        delivered: Vec<(String, String)>,
+        message_id: Option<String>,
+    ) {
+        if delivered.is_empty() {
+            return;
+        }
+        let table = self.table.clone();
+        let id = queue_id.to_string();
+        let res = tokio::task::spawn_blocking(move || {
+            let log = table.fwdlog()?;
+            let at = crate::time::unix_now();
+            for (alias, dest) in delivered {
+                log.record(&crate::table::fwdlog::FwdRecord {
+                    queue_id: id.clone(),
+                    alias,
+                    dests: vec![dest],
+                    message_id: message_id.clone(),
+                    at,
+                })?;
+            }
+            Ok::<_, crate::table::TableError>(())
+        })
+        .await;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(queue_id, error = %e, "cannot record forwarded copy"),
+            Err(e) => tracing::warn!(queue_id, error = %e, "cannot record forwarded copy"),
         }
     }
 

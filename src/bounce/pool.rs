@@ -3,17 +3,23 @@
 //!
 //! Written by the Maildir delivery protocol — unique name in `tmp/`, write, fsync,
 //! rename into `new/`, fsync `new/` — so a pooled bounce survives a crash as soon as
-//! `deliver` returns. Per-alias limits (count, bytes) expire the oldest entries; every
+//! `deliver` returns. New directories (`pool/`, `pool/<alias>/`, its `tmp`, `new` and
+//! `cur`) are made durable (parent fsynced) before a message is written into them. A
+//! failed write (a full disk) removes its `tmp/` file at once. Modes are fixed, not
+//! left to the umask: owner-only, or group-readable for an IMAP server's group
+//! (`[pool] group`). Per-alias limits (count, bytes) expire the oldest entries; every
 //! expiry is logged and counted, never silent. Blocking file I/O: call it from the
 //! blocking pool. Touches nothing outside the pool directory.
 
-use std::fs::{self, File, OpenOptions};
+use crate::disk::{self, Modes};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Pool {
     root: PathBuf,
+    modes: Modes,
     hostname: String,
     max_messages: usize,
     max_bytes: u64,
@@ -47,14 +53,17 @@ pub fn dir_name(alias: &str) -> String {
     }
 }
 
-fn sync_dir(p: &Path) -> io::Result<()> {
-    File::open(p)?.sync_all()
-}
-
 impl Pool {
-    pub fn new(root: PathBuf, hostname: &str, max_messages: usize, max_bytes: u64) -> Pool {
+    pub fn new(
+        root: PathBuf,
+        modes: Modes,
+        hostname: &str,
+        max_messages: usize,
+        max_bytes: u64,
+    ) -> Pool {
         Pool {
             root,
+            modes,
             hostname: hostname.replace(['/', ':'], "_"),
             max_messages,
             max_bytes,
@@ -72,7 +81,7 @@ impl Pool {
     pub fn deliver(&self, alias: &str, msg: &[u8]) -> io::Result<String> {
         let dir = self.alias_dir(alias);
         for sub in ["tmp", "new", "cur"] {
-            fs::create_dir_all(dir.join(sub))?;
+            disk::create_dir_durable(&dir.join(sub), self.modes)?;
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -87,12 +96,22 @@ impl Pool {
         );
         let name = format!("{id},S={}", msg.len());
         let tmp = dir.join("tmp").join(&name);
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(msg)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, dir.join("new").join(&name))?;
-        sync_dir(&dir.join("new"))?;
+        let written = disk::create_file(&tmp, self.modes, false).and_then(|mut f| {
+            f.write_all(msg)?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, dir.join("new").join(&name))
+        });
+        if let Err(e) = written {
+            // The name is unique to this attempt: nothing else can be using it.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Err(e) = disk::sync_dir(&dir.join("new")) {
+            // Not known durable, so not stored: the caller's 4xx must be the truth.
+            let _ = fs::remove_file(dir.join("new").join(&name));
+            return Err(e);
+        }
         self.stored.fetch_add(1, Ordering::Relaxed);
         self.enforce_limits(alias)?;
         Ok(id)
@@ -216,7 +235,7 @@ mod tests {
     #[test]
     fn maildir_delivery_and_limits() {
         let d = tempfile::tempdir().unwrap();
-        let p = Pool::new(d.path().join("pool"), "host", 3, 1 << 20);
+        let p = Pool::new(d.path().join("pool"), disk::PRIVATE, "host", 3, 1 << 20);
         let mut ids = Vec::new();
         for i in 0..5 {
             ids.push(

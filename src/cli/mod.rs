@@ -4,6 +4,11 @@
 //! opens the stores itself and runs the same executor (`control::execute`). The CLI
 //! never reads or writes the table or spool in any other way. Exit status 0 on
 //! success, 1 on a refused request (one clear line on stderr), 2 on usage errors.
+//!
+//! Files: the process umask is 077 from the first instruction (no thread exists yet),
+//! so even files other code creates (sled's) are owner-only. Direct mode writes the
+//! stores as their owner: root becomes the data dir's owner first (`setuid`), anyone
+//! else who is not the owner is refused — never a file the daemon cannot write.
 
 mod output;
 
@@ -276,12 +281,15 @@ fn init_logging() {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // SAFETY: umask(2) before any thread exists; every later create is owner-only
+    // unless it sets a mode of its own (the group-readable pool does, explicitly).
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tenso: {e}");
+            output::warn(&e.to_string());
             return ExitCode::from(2);
         }
     };
@@ -291,7 +299,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tenso: cannot start runtime: {e}");
+            output::warn(&format!("cannot start runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -306,7 +314,7 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    eprintln!("tenso: {e:#}");
+                    output::warn(&format!("{e:#}"));
                     ExitCode::from(1)
                 }
             };
@@ -314,8 +322,10 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
         Command::Config {
             cmd: ConfigCmd::Check,
         } => {
-            print!("# config is valid\n{}", cfg.to_toml());
-            return ExitCode::SUCCESS;
+            return output::emit(
+                &format!("# config is valid\n{}", cfg.to_toml()),
+                ExitCode::SUCCESS,
+            );
         }
         Command::User { cmd } => match cmd {
             UserCmd::Add {
@@ -375,7 +385,7 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
             let text = match std::fs::read_to_string(&file) {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("tenso: cannot read {}: {e}", file.display());
+                    output::warn(&format!("cannot read {}: {e}", file.display()));
                     return ExitCode::from(1);
                 }
             };
@@ -393,7 +403,7 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
         }
         Command::Export { format } => {
             if format != "virtual" {
-                eprintln!("tenso: export supports only --format virtual");
+                output::warn("export supports only --format virtual");
                 return ExitCode::from(2);
             }
             (Request::Export, false, output::Kind::Export)
@@ -422,7 +432,7 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 {
                     Ok(d) => d.map(|d| d.as_secs()),
                     Err(e) => {
-                        eprintln!("tenso: --older-than: {e}");
+                        output::warn(&format!("--older-than: {e}"));
                         return ExitCode::from(2);
                     }
                 };
@@ -467,7 +477,7 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
     let resp = match send(&cfg, req).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tenso: {e}");
+            output::warn(&format!("{e:#}"));
             return ExitCode::from(1);
         }
     };
@@ -480,7 +490,7 @@ fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) 
     let (pem, txt) = match crate::signing::keygen(algorithm) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("tenso: {e}");
+            output::warn(&e.to_string());
             return ExitCode::from(2);
         }
     };
@@ -489,18 +499,23 @@ fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) 
         .create_new(true)
         .mode(0o600)
         .open(out);
-    if let Err(e) = file.and_then(|mut f| f.write_all(pem.as_bytes()).and_then(|_| f.sync_all())) {
-        eprintln!("tenso: cannot write {}: {e}", out.display());
+    // The mode given to open(2) is filtered by the umask; fchmod is not.
+    let written = file.and_then(|mut f| {
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        output::warn(&format!("cannot write {}: {e}", out.display()));
         return ExitCode::from(1);
     }
-    println!("# private key written to {} (mode 0600)", out.display());
-    println!(
-        "# add to the config:\n#   [dkim]\n#   domain = \"{domain}\"\n#   selector = \"{selector}\"\n#   key = \"{}\"",
-        out.display()
+    let text = format!(
+        "# private key written to {path} (mode 0600)\n\
+         # add to the config:\n#   [dkim]\n#   domain = \"{domain}\"\n#   selector = \"{selector}\"\n#   key = \"{path}\"\n\
+         # publish this record:\n{selector}._domainkey.{domain}. IN TXT \"{txt}\"\n",
+        path = out.display()
     );
-    println!("# publish this record:");
-    println!("{selector}._domainkey.{domain}. IN TXT \"{txt}\"");
-    ExitCode::SUCCESS
+    output::emit(&output::clean_text(&text), ExitCode::SUCCESS)
 }
 
 /// Sends a request to the daemon, or runs it here when no daemon is running.
@@ -508,6 +523,8 @@ pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
     if let Some(resp) = control::server::call(&cfg.socket_path(), &req).await? {
         return Ok(resp);
     }
+    become_data_dir_owner(cfg)?;
+    crate::daemon::prepare_data_dir(cfg)?;
     let table = match crate::daemon::open_table(cfg) {
         Ok(t) => t,
         Err(crate::table::TableError::Locked(_)) => anyhow::bail!(
@@ -519,6 +536,7 @@ pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
     let spool = crate::daemon::open_spool(cfg)?;
     let pool = crate::bounce::pool::Pool::new(
         cfg.pool_dir(),
+        cfg.pool_modes(),
         &cfg.hostname,
         cfg.pool.max_messages,
         cfg.pool.max_bytes,
@@ -532,4 +550,74 @@ pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
         status: None,
     };
     Ok(control::execute(&ctx, req).await)
+}
+
+/// Only root and the data dir's owner (the daemon's user) administer tenso: the
+/// daemon refuses other peers on its socket (that is the boundary), and direct mode
+/// would leave files the daemon cannot write — refused here, before anything is
+/// touched.
+fn refuse_other_users(cfg: &Config) -> anyhow::Result<()> {
+    let Ok((uid, _, _)) = crate::disk::owner_and_mode(&cfg.data_dir) else {
+        return Ok(());
+    };
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid != me && me != 0 {
+        anyhow::bail!(
+            "the data dir {} belongs to uid {uid}, not to you (uid {me}): run this command as \
+             that user (or root), so nothing it writes is left unwritable for the daemon",
+            cfg.data_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Direct mode writes the stores itself, so it runs as the data dir's owner (the
+/// daemon's user): root switches to that user (its primary group and supplementary
+/// groups); anyone else was refused by [`refuse_other_users`]. A data dir that does
+/// not exist yet is created by whoever runs the command.
+fn become_data_dir_owner(cfg: &Config) -> anyhow::Result<()> {
+    let Ok((uid, dir_gid, _)) = crate::disk::owner_and_mode(&cfg.data_dir) else {
+        return Ok(());
+    };
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid == me {
+        return Ok(());
+    }
+    refuse_other_users(cfg)?;
+    let (name, gid) = user_of(uid).unwrap_or((None, dir_gid));
+    // SAFETY: plain credential syscalls; glibc applies them to every thread. Their
+    // results are checked: continuing as root is exactly what must not happen.
+    let ok = unsafe {
+        let groups_ok = match &name {
+            Some(n) => libc::initgroups(n.as_ptr(), gid) == 0,
+            None => libc::setgroups(0, std::ptr::null()) == 0,
+        };
+        groups_ok && libc::setgid(gid) == 0 && libc::setuid(uid) == 0 && libc::geteuid() == uid
+    };
+    if !ok {
+        anyhow::bail!(
+            "cannot switch to uid {uid} (the owner of {}): {}",
+            cfg.data_dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The login name and primary group of `uid`, from the password database.
+fn user_of(uid: u32) -> Option<(Option<std::ffi::CString>, u32)> {
+    // SAFETY: getpwuid_r with buffers we own; the result is checked before use.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
+        if rc != 0 || out.is_null() {
+            return None;
+        }
+        let name = std::ffi::CStr::from_ptr(pw.pw_name).to_owned();
+        Some((Some(name), pw.pw_gid))
+    }
 }

@@ -157,7 +157,11 @@ pub struct Ctx<'a> {
     pub status: Option<Value>,
 }
 
-fn alias_json(name: &str, e: &crate::table::AliasEntry) -> Value {
+fn alias_json(
+    name: &str,
+    e: &crate::table::AliasEntry,
+    health: &[crate::table::DestHealth],
+) -> Value {
     json!({
         "alias": name,
         "dests": e.dests,
@@ -165,7 +169,7 @@ fn alias_json(name: &str, e: &crate::table::AliasEntry) -> Value {
         "created": e.created,
         "updated": e.updated,
         "dmarc_preflight": e.dmarc_preflight,
-        "health": e.health,
+        "health": health,
         "spam": e.spam.map_or_else(|| "default".to_string(), |p| p.to_string()),
         "state": e.state,
     })
@@ -217,7 +221,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             let entry = t
                 .add(&alias, &dests, bounce.unwrap_or(ctx.cfg.default_bounce))
                 .map_err(e)?;
-            Ok(alias_json(&alias.to_lowercase(), &entry))
+            Ok(alias_json(&alias.to_lowercase(), &entry, &[]))
         }
         Request::UserSet {
             alias,
@@ -270,7 +274,8 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
                     }
                 })
                 .map_err(e)?;
-            Ok(alias_json(&alias.to_lowercase(), &entry))
+            let health = t.health(&alias).map_err(e)?;
+            Ok(alias_json(&alias.to_lowercase(), &entry, &health))
         }
         Request::UserRemove { alias } => {
             t.remove(&alias).map_err(e)?;
@@ -278,7 +283,8 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
         }
         Request::UserShow { alias } => {
             let entry = t.get(&alias).map_err(e)?;
-            let mut v = alias_json(&alias.to_lowercase(), &entry);
+            let health = t.health(&alias).map_err(e)?;
+            let mut v = alias_json(&alias.to_lowercase(), &entry, &health);
             v["spam_effective"] = json!(entry.spam.unwrap_or(ctx.cfg.spam.default));
             v["pool"] = json!(ctx.pool.count(&alias));
             if let Some(h) = v["health"].as_array_mut() {
@@ -291,12 +297,17 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
         }
         Request::UserList { domain } => {
             let t = t.clone();
-            let list = tokio::task::spawn_blocking(move || t.list(domain.as_deref()))
-                .await
-                .map_err(|x| x.to_string())?
-                .map_err(e)?;
+            let (list, health) = tokio::task::spawn_blocking(move || {
+                Ok::<_, crate::table::TableError>((t.list(domain.as_deref())?, t.all_health()?))
+            })
+            .await
+            .map_err(|x| x.to_string())?
+            .map_err(e)?;
+            let none = Vec::new();
             Ok(Value::Array(
-                list.iter().map(|(n, en)| alias_json(n, en)).collect(),
+                list.iter()
+                    .map(|(n, en)| alias_json(n, en, health.get(n).unwrap_or(&none)))
+                    .collect(),
             ))
         }
         Request::DomainAdd { domain } => {
@@ -365,6 +376,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             Ok(Value::Array(list.iter().map(queue_json).collect()))
         }
         Request::QueueShow { id } => {
+            check_queue_id(&id)?;
             let env = ctx.spool.read_envelope(&id).map_err(|x| x.to_string())?;
             let mut v = queue_json(&env);
             let body = ctx.spool.read_body(&id).map_err(|x| x.to_string())?;
@@ -374,6 +386,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
         }
         Request::QueueFlush { id } => {
             if let Some(id) = &id {
+                check_queue_id(id)?;
                 ctx.spool.read_envelope(id).map_err(|x| x.to_string())?;
             }
             match ctx.queue {
@@ -385,6 +398,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             }
         }
         Request::QueueRemove { id } => {
+            check_queue_id(&id)?;
             match ctx.queue {
                 Some(q) => q.remove(&id).await.map_err(|x| x.to_string())?,
                 None => ctx.spool.remove_blocking(&id).map_err(|x| x.to_string())?,
@@ -440,7 +454,18 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
     }
 }
 
+/// Refuses anything that is not a queue id before it gets near a file name: the same
+/// check for the socket and for direct mode (the spool checks again).
+fn check_queue_id(id: &str) -> Result<(), String> {
+    if crate::spool::valid_id(id) {
+        Ok(())
+    } else {
+        Err(crate::spool::SpoolError::BadId(id.to_string()).to_string())
+    }
+}
+
 async fn set_held(ctx: &Ctx<'_>, id: &str, held: bool) -> Result<Value, String> {
+    check_queue_id(id)?;
     match ctx.queue {
         Some(q) => q.set_held(id, held).await.map_err(|x| x.to_string())?,
         None => {

@@ -10,13 +10,14 @@
 //! passed `verify`, and a reused session serves only what it proved. Session
 //! resumption is off: a resumed TLS 1.3 session skips the certificate check.
 
+use parking_lot::Mutex;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio_rustls::TlsConnector;
 
 /// Why a certificate was not accepted, in RFC 8460 §4.3.1 terms.
@@ -293,7 +294,7 @@ impl ServerCertVerifier for PolicyVerifier {
             _ => None,
         };
         {
-            let mut out = self.out.lock().expect("cert check lock");
+            let mut out = self.out.lock();
             out.webpki = Some(webpki_result);
             out.dane = dane.clone();
         }

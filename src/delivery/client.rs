@@ -209,7 +209,7 @@ pub async fn open(
         Ok(mut t) => {
             t.timeout = p.command_timeout;
             let (caps, size) = ehlo(&mut t, p.helo_name).await?;
-            let check = check.lock().expect("cert check lock").clone();
+            let check = check.lock().clone();
             let security = tls_security(t.tls_connection(), &check, req);
             let local = t.stream.get_ref().0.local_addr().ok().map(|a| a.ip());
             Ok(Session {
@@ -228,7 +228,7 @@ pub async fn open(
             Ok(Session::plain(c, caps, size, host, addr, true))
         }
         Err(e) => {
-            let check = check.lock().expect("cert check lock").clone();
+            let check = check.lock().clone();
             let (kind, why) = tls_failure(&check, req);
             Err(SessionError::Tls(
                 format!("STARTTLS with {host} failed: {why}{}", err_text(&e)),

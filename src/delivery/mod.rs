@@ -10,6 +10,10 @@
 //! Each attempt decides its TLS policy per MX host (`tls_policy`: DANE, then
 //! MTA-STS, then `tls_domains`, then `tls`), and an idle session is reused only for
 //! mail whose requirement it meets. Every new session is counted for TLS-RPT.
+//!
+//! Every map is pruned once a second: idle sessions past `idle_timeout`, per-host
+//! limits nobody holds or waits on, dead hosts whose time is up, per-domain limits
+//! nobody holds. The dead-host map is also capped ([`MAX_DEAD_HOSTS`]).
 
 pub mod certs;
 pub mod client;
@@ -26,13 +30,18 @@ use crate::table::Table;
 use certs::Trust;
 pub use client::Outcome;
 use client::{Session, SessionError};
+use parking_lot::Mutex;
 use route::RouteError;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tls_policy::{HostPolicy, Requirement, Source};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Hosts remembered as dead at once. At the bound the one whose time ends first is
+/// forgotten: the cost is one more connection attempt to it.
+pub const MAX_DEAD_HOSTS: usize = 10_000;
 
 /// A group of recipients sharing reverse-path and destination domain.
 pub struct Job<'a> {
@@ -73,13 +82,12 @@ impl TlsCounters {
         *self
             .0
             .lock()
-            .expect("tls counters lock")
             .entry(format!("{policy}.{result}"))
             .or_default() += 1;
     }
 
     pub fn snapshot(&self) -> serde_json::Value {
-        serde_json::json!(*self.0.lock().expect("tls counters lock"))
+        serde_json::json!(*self.0.lock())
     }
 }
 
@@ -155,6 +163,7 @@ impl Delivery {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(d) = weak.upgrade() else { break };
                 d.reap_idle();
+                d.prune();
             }
         });
         Ok(d)
@@ -164,7 +173,7 @@ impl Delivery {
         let ttl = self.cfg.delivery.idle_timeout;
         let mut expired = Vec::new();
         {
-            let mut slots = self.slots.lock().expect("slots lock");
+            let mut slots = self.slots.lock();
             for slot in slots.values_mut() {
                 let (keep, old): (Vec<Idle>, Vec<Idle>) =
                     slot.idle.drain(..).partition(|i| i.since.elapsed() < ttl);
@@ -184,13 +193,40 @@ impl Delivery {
         }
     }
 
+    /// Drops map entries that hold nothing: per-host limits with every permit free,
+    /// nobody waiting and no idle session; dead hosts whose time is up; per-domain
+    /// limits nobody holds.
+    fn prune(&self) {
+        let now = Instant::now();
+        self.dead.lock().retain(|_, until| *until > now);
+        let idle: Vec<SocketAddr> = self.slots.lock().keys().copied().collect();
+        let max = self.cfg.delivery.max_per_destination.max(1);
+        self.limits.lock().retain(|addr, l| {
+            idle.contains(addr)
+                || Arc::strong_count(&l.sem) > 1
+                || Arc::strong_count(&l.notify) > 1
+                || l.sem.available_permits() < max
+        });
+        self.domains.lock().retain(|_, s| Arc::strong_count(s) > 1);
+    }
+
+    /// Sizes of the maps, for `tenso status` and the memory-bounds test.
+    pub fn map_sizes(&self) -> serde_json::Value {
+        serde_json::json!({
+            "idle_hosts": self.slots.lock().len(),
+            "host_limits": self.limits.lock().len(),
+            "dead_hosts": self.dead.lock().len(),
+            "domain_limits": self.domains.lock().len(),
+        })
+    }
+
     /// Forgets every dead host (for `queue flush`).
     pub fn forget_dead_hosts(&self) {
-        self.dead.lock().expect("dead lock").clear();
+        self.dead.lock().clear();
     }
 
     fn is_dead(&self, addr: &SocketAddr) -> bool {
-        let mut dead = self.dead.lock().expect("dead lock");
+        let mut dead = self.dead.lock();
         match dead.get(addr) {
             Some(until) if *until > Instant::now() => true,
             Some(_) => {
@@ -202,15 +238,21 @@ impl Delivery {
     }
 
     fn mark_dead(&self, addr: SocketAddr) {
-        let ttl = self.cfg.queue.dead_host_ttl;
-        self.dead
-            .lock()
-            .expect("dead lock")
-            .insert(addr, Instant::now() + ttl);
+        let now = Instant::now();
+        let mut dead = self.dead.lock();
+        if dead.len() >= MAX_DEAD_HOSTS && !dead.contains_key(&addr) {
+            dead.retain(|_, until| *until > now);
+            if dead.len() >= MAX_DEAD_HOSTS
+                && let Some(first) = dead.iter().min_by_key(|(_, u)| **u).map(|(a, _)| *a)
+            {
+                dead.remove(&first);
+            }
+        }
+        dead.insert(addr, now + self.cfg.queue.dead_host_ttl);
     }
 
     fn limits(&self, addr: SocketAddr) -> (Arc<Semaphore>, Arc<Notify>) {
-        let mut l = self.limits.lock().expect("limits lock");
+        let mut l = self.limits.lock();
         let e = l.entry(addr).or_insert_with(|| Limits {
             sem: Arc::new(Semaphore::new(self.cfg.delivery.max_per_destination.max(1))),
             notify: Arc::new(Notify::new()),
@@ -222,7 +264,7 @@ impl Delivery {
     /// met on the way are dropped; ones that do not meet `req` stay for other mail.
     fn take_idle(&self, addr: SocketAddr, host: &str, req: &Requirement) -> Option<Idle> {
         let ttl = self.cfg.delivery.idle_timeout;
-        let mut slots = self.slots.lock().expect("slots lock");
+        let mut slots = self.slots.lock();
         let slot = slots.get_mut(&addr)?;
         slot.idle.retain(|i| i.since.elapsed() < ttl);
         let pos = slot
@@ -236,7 +278,7 @@ impl Delivery {
     /// connection slot can serve a session that does.
     fn evict_idle(&self, addr: SocketAddr) -> bool {
         let oldest = {
-            let mut slots = self.slots.lock().expect("slots lock");
+            let mut slots = self.slots.lock();
             match slots.get_mut(&addr) {
                 Some(slot) if !slot.idle.is_empty() => Some(slot.idle.remove(0)),
                 _ => None,
@@ -257,17 +299,11 @@ impl Delivery {
 
     fn put_idle(&self, session: Session, permit: OwnedSemaphorePermit) {
         let addr = session.addr;
-        self.slots
-            .lock()
-            .expect("slots lock")
-            .entry(addr)
-            .or_default()
-            .idle
-            .push(Idle {
-                session,
-                since: Instant::now(),
-                permit,
-            });
+        self.slots.lock().entry(addr).or_default().idle.push(Idle {
+            session,
+            since: Instant::now(),
+            permit,
+        });
         self.limits(addr).1.notify_one();
     }
 
@@ -315,10 +351,7 @@ impl Delivery {
     /// Delivers one group. Never fails as a whole: every recipient gets an outcome.
     pub async fn deliver(&self, job: &Job<'_>) -> Report {
         let sem = {
-            let mut d = self.domains.lock().expect("domains lock");
-            if d.len() > 10_000 {
-                d.retain(|_, s| Arc::strong_count(s) > 1);
-            }
+            let mut d = self.domains.lock();
             d.entry(job.domain.to_lowercase())
                 .or_insert_with(|| {
                     Arc::new(Semaphore::new(

@@ -15,10 +15,11 @@ use crate::table::tls::{StsCacheEntry, TlsStore};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_rustls::TlsConnector;
 
@@ -309,14 +310,13 @@ impl Sts {
     fn lock_for(&self, domain: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.inflight
             .lock()
-            .expect("inflight lock")
             .entry(domain.to_string())
             .or_default()
             .clone()
     }
 
     fn release(&self, domain: &str, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut m = self.inflight.lock().expect("inflight lock");
+        let mut m = self.inflight.lock();
         drop(lock);
         if m.get(domain).is_some_and(|l| Arc::strong_count(l) == 1) {
             m.remove(domain);

@@ -174,11 +174,8 @@ impl Session {
                     }
                     Err(e) => {
                         tracing::error!(queue_id = %id, client = %client, error = %e, "cannot store bounce");
-                        return self.reply(Reply::new(
-                            451,
-                            "4.3.0",
-                            "temporary failure: could not store message",
-                        ));
+                        let full = self.ctx.short_of_space(msg.len() as u64);
+                        return self.reply(self.ctx.storage_failure(full));
                     }
                 }
             }
@@ -188,11 +185,10 @@ impl Session {
             && let Err(e) = self.preflight(&id, reason, &mut targets, &msg).await
         {
             tracing::error!(queue_id = %id, client = %client, error = %e, "cannot pool message");
-            return self.reply(Reply::new(
-                451,
-                "4.3.0",
-                "temporary failure, try again later",
-            ));
+            let reply = self
+                .ctx
+                .storage_failure(self.ctx.short_of_space(msg.len() as u64));
+            return self.reply(reply);
         }
 
         let mut rcpts = Vec::new();
@@ -296,11 +292,7 @@ impl Session {
         let msg = Arc::new(msg);
         if let Err(e) = self.ctx.spool.commit(&env, msg.clone()).await {
             tracing::error!(queue_id = %id, client = %client, error = %e, "cannot commit message");
-            return Err(Reply::new(
-                451,
-                "4.3.0",
-                "temporary failure: could not queue message",
-            ));
+            return Err(self.ctx.storage_failure(e.is_no_space()));
         }
         tracing::info!(
             queue_id = %id,

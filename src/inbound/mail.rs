@@ -107,6 +107,13 @@ impl Session {
                 format!("message size exceeds fixed limit of {max} bytes"),
             ));
         }
+        // Like Postfix's queue_minfree: refuse before reading a byte of DATA when the
+        // spool could not keep its reserve with this message in it.
+        if !self.ctx.has_room_for(from.size as u64) {
+            tracing::warn!(client = %self.peer.ip(), size = from.size, min_free_space = self.ctx.cfg.smtp.min_free_space(), "MAIL refused: spool disk short of free space");
+            let reply = self.ctx.storage_failure(true);
+            return self.reply(reply);
+        }
         let raw = extract_path(line).unwrap_or("");
         let reverse_path = match parse_path(raw, smtputf8) {
             Ok(Path::Null) => String::new(),

@@ -55,6 +55,9 @@ pub struct Counters {
     pub starttls_injection: AtomicU64,
     pub reputation_rejected: AtomicU64,
     pub reputation_recorded: AtomicU64,
+    /// `452 4.3.1`: the spool's disk is short of `min_free_space` (at MAIL) or full
+    /// (at the commit).
+    pub no_space: AtomicU64,
     /// The spam gate, per message (quarantined: per alias copy).
     pub spam: SpamCounters,
 }
@@ -127,6 +130,7 @@ impl Counters {
             "starttls_injection": g(&self.starttls_injection),
             "reputation_rejected": g(&self.reputation_rejected),
             "reputation_recorded": g(&self.reputation_recorded),
+            "no_space": g(&self.no_space),
         });
         self.spam.snapshot(&mut v);
         v
@@ -194,6 +198,43 @@ impl Inbound {
             counters: Counters::default(),
             cfg,
         })
+    }
+}
+
+impl Inbound {
+    /// Whether the spool's disk can take a message of `size` bytes and still keep
+    /// `[smtp] min_free_space` free. One `statvfs` (microseconds); a failing
+    /// `statvfs` does not refuse mail (the commit still meets a full disk cleanly).
+    pub(crate) fn has_room_for(&self, size: u64) -> bool {
+        let min = self.cfg.smtp.min_free_space();
+        if min == 0 {
+            return true;
+        }
+        match self.spool.free_space() {
+            Ok(free) => free >= min.saturating_add(size),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check free space of the spool");
+                true
+            }
+        }
+    }
+
+    /// The reply for a message that could not be stored: `452 4.3.1` when the disk
+    /// is full (RFC 3463: mail system full), else `451 4.3.0`.
+    pub(crate) fn storage_failure(&self, no_space: bool) -> crate::smtp::Reply {
+        if no_space {
+            self.counters.no_space.fetch_add(1, Ordering::Relaxed);
+            crate::smtp::Reply::new(452, "4.3.1", "insufficient system storage, try again later")
+        } else {
+            crate::smtp::Reply::new(451, "4.3.0", "temporary failure: could not store message")
+        }
+    }
+
+    /// After a failed write: is the disk now too full for `size` more bytes?
+    pub(crate) fn short_of_space(&self, size: u64) -> bool {
+        self.spool
+            .free_space()
+            .is_ok_and(|free| free < size.saturating_add(64 * 1024))
     }
 }
 

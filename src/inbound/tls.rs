@@ -32,7 +32,8 @@ fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(), String> {
     if cert.exists() && key.exists() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    crate::disk::create_dir_durable(dir, crate::disk::PRIVATE)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let mut params =
         rcgen::CertificateParams::new(vec![hostname.to_string()]).map_err(|e| e.to_string())?;
@@ -40,22 +41,15 @@ fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(), String> {
         .distinguished_name
         .push(rcgen::DnType::CommonName, hostname);
     let c = params.self_signed(&kp).map_err(|e| e.to_string())?;
-    use std::os::unix::fs::OpenOptionsExt;
-    let write = |p: &Path, data: &str, mode: u32| -> Result<(), String> {
+    let write = |p: &Path, data: &str| -> Result<(), String> {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(p)
-            .map_err(|e| format!("writing {}: {e}", p.display()))?;
-        f.write_all(data.as_bytes())
-            .and_then(|_| f.sync_all())
+        crate::disk::create_file(p, crate::disk::PRIVATE, true)
+            .and_then(|mut f| f.write_all(data.as_bytes()).and_then(|_| f.sync_all()))
             .map_err(|e| format!("writing {}: {e}", p.display()))
     };
-    write(&key, &kp.serialize_pem(), 0o600)?;
-    write(&cert, &c.pem(), 0o644)?;
+    write(&key, &kp.serialize_pem())?;
+    write(&cert, &c.pem())?;
+    crate::disk::sync_dir(dir).map_err(|e| format!("fsync {}: {e}", dir.display()))?;
     tracing::info!(dir = %dir.display(), "generated a self-signed certificate for STARTTLS");
     Ok(())
 }

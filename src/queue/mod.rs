@@ -41,6 +41,9 @@ pub struct Counters {
     pub failed: AtomicU64,
     pub attempts: AtomicU64,
     pub paced: AtomicU64,
+    /// Attempts that could not read the queued message (each counts toward
+    /// `max_lifetime`).
+    pub read_errors: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -83,6 +86,7 @@ impl QueueHandle {
             "failed": g(&c.failed),
             "attempts": g(&c.attempts),
             "paced": g(&c.paced),
+            "read_errors": g(&c.read_errors),
         })
     }
 }
@@ -191,6 +195,32 @@ pub fn start(worker: Arc<Worker>, initial: Vec<Envelope>) -> QueueHandle {
     handle
 }
 
+/// Runs one attempt in a task of its own: if it panics, the message is not left
+/// "running" forever — it is rescheduled from the state it had, a minute later, and
+/// every other attempt goes on (nothing shared is poisoned: the locks are
+/// parking_lot's, which a panic releases).
+async fn attempt_guarded(
+    worker: Arc<Worker>,
+    env: Envelope,
+    body: Option<Arc<Vec<u8>>>,
+    handle: QueueHandle,
+) -> Option<Envelope> {
+    let before = env.clone();
+    let task = tokio::spawn(async move { worker.attempt(env, body, &handle).await });
+    match task.await {
+        Ok(res) => res,
+        Err(e) => {
+            tracing::error!(queue_id = %before.id, error = %e, "delivery attempt panicked; retrying in a minute");
+            let mut env = before;
+            let t = now_ms() + 60_000;
+            for r in env.rcpts.iter_mut().filter(|r| r.needs_work()) {
+                r.next_attempt = r.next_attempt.max(t);
+            }
+            Some(env)
+        }
+    }
+}
+
 fn due_of(env: &Envelope) -> Option<i64> {
     if env.held {
         return None;
@@ -261,7 +291,7 @@ async fn run(
             let done = done_tx.clone();
             tokio::spawn(async move {
                 let id = env.id.clone();
-                let res = worker.attempt(env, body, &handle).await;
+                let res = attempt_guarded(worker, env, body, handle).await;
                 drop(permit);
                 let _ = done.send((id, res));
             });
@@ -354,6 +384,10 @@ async fn run(
     }
 }
 
+/// One outcome of an attempt: the recipient's index, what happened, the host.
+/// (recipient, outcome, remote MTA, TLS of the session)
+type Result1 = (usize, Outcome, Option<String>, Option<String>);
+
 impl Worker {
     fn retry_delay_ms(&self, attempts: u32) -> i64 {
         let r = &self.cfg.queue.retry;
@@ -363,36 +397,63 @@ impl Worker {
 
     /// One attempt over every due recipient of `env`. Returns the updated envelope,
     /// or None when the message is finished and gone from the spool.
+    ///
+    /// A message whose body cannot be read is not retried forever: each failed read
+    /// counts as a deferred attempt of its due recipients, so `max_lifetime` ends it
+    /// with the usual DSN (without returned headers) through the alias's policy.
     async fn attempt(
         &self,
         mut env: Envelope,
         body: Option<Arc<Vec<u8>>>,
         handle: &QueueHandle,
     ) -> Option<Envelope> {
-        let body = match body {
-            Some(b) => b,
-            None => match self.spool.read_body_async(&env.id).await {
-                Ok(b) => Arc::new(b),
-                Err(e) => {
-                    tracing::error!(queue_id = %env.id, error = %e, "cannot read message body; retrying later");
-                    let t = now_ms() + 60_000;
-                    for r in env.rcpts.iter_mut().filter(|r| r.is_pending()) {
-                        r.next_attempt = t;
-                    }
-                    return Some(env);
-                }
-            },
-        };
         handle.counters.attempts.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let due: Vec<usize> = (0..env.rcpts.len())
             .filter(|&i| env.rcpts[i].is_pending() && env.rcpts[i].next_attempt <= now)
             .collect();
-        // (recipient, outcome, remote MTA, TLS of the session)
-        let mut results: Vec<(usize, Outcome, Option<String>, Option<String>)> = Vec::new();
+        let body = match body {
+            Some(b) => Ok(b),
+            None => self.spool.read_body_async(&env.id).await.map(Arc::new),
+        };
+        let (body, results) = match body {
+            Ok(body) => {
+                let mut results = self.deliver_to_pools(&env, &body, &due).await;
+                results.extend(self.deliver_remote(&mut env, &body, &due, handle).await);
+                (body, results)
+            }
+            Err(e) => {
+                handle.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(queue_id = %env.id, error = %e, "cannot read the queued message; counted as a deferred attempt");
+                let why = format!("cannot read the queued message: {e}");
+                let results = due
+                    .iter()
+                    .map(|&i| {
+                        (
+                            i,
+                            Outcome::Deferred("4.3.0".into(), why.clone()),
+                            None,
+                            None,
+                        )
+                    })
+                    .collect();
+                (Arc::new(Vec::new()), results)
+            }
+        };
+        let failed = self.apply_outcomes(&mut env, &body, results, handle).await;
+        self.report(&mut env, &body, failed, handle).await;
+        self.finish(env).await
+    }
 
-        // Local pool targets (postmaster without a forward address).
-        for &i in &due {
+    /// Local pool targets (postmaster without a forward address).
+    async fn deliver_to_pools(
+        &self,
+        env: &Envelope,
+        body: &Arc<Vec<u8>>,
+        due: &[usize],
+    ) -> Vec<Result1> {
+        let mut results = Vec::new();
+        for &i in due {
             if let Some(pool) = env.rcpts[i].pool.clone() {
                 let o = match self.bounce.to_pool(&pool, body.to_vec()).await {
                     Ok(id) => Outcome::Delivered(format!("stored in local pool {pool} as {id}")),
@@ -401,10 +462,21 @@ impl Worker {
                 results.push((i, o, None, None));
             }
         }
+        results
+    }
 
-        // Remote groups: one transaction per (reverse-path, alias, destination domain).
+    /// Remote recipients: one transaction per (reverse-path, alias, destination
+    /// domain), run in parallel. Groups over a pacing limit wait in the queue (no
+    /// attempt counted, nothing lost) and give no outcome.
+    async fn deliver_remote(
+        &self,
+        env: &mut Envelope,
+        body: &Arc<Vec<u8>>,
+        due: &[usize],
+        handle: &QueueHandle,
+    ) -> Vec<Result1> {
         let mut groups: BTreeMap<(String, String, String), Vec<usize>> = BTreeMap::new();
-        for &i in &due {
+        for &i in due {
             let r = &env.rcpts[i];
             if r.pool.is_none() {
                 groups
@@ -417,7 +489,7 @@ impl Worker {
                     .push(i);
             }
         }
-        let headers_ascii = header_section(&body).is_ascii();
+        let headers_ascii = header_section(body).is_ascii();
         let mut set = tokio::task::JoinSet::new();
         let mut paced: Vec<(Vec<usize>, std::time::Duration)> = Vec::new();
         for ((mail_from, trace, domain), idx) in groups {
@@ -435,7 +507,7 @@ impl Worker {
             if !trace.is_empty() && !trace.contains(|c: char| c.is_control()) {
                 message.extend_from_slice(format!("Delivered-To: {trace}\r\n").as_bytes());
             }
-            message.extend_from_slice(&body);
+            message.extend_from_slice(body);
             let delivery = self.delivery.clone();
             let id = env.id.clone();
             set.spawn(async move {
@@ -452,6 +524,7 @@ impl Worker {
                 (idx, report)
             });
         }
+        let mut results = Vec::new();
         while let Some(res) = set.join_next().await {
             match res {
                 Ok((idx, report)) => {
@@ -462,8 +535,6 @@ impl Worker {
                 Err(e) => tracing::error!(queue_id = %env.id, error = %e, "delivery task failed"),
             }
         }
-
-        // Over a pacing limit: wait in the queue, no attempt counted, nothing lost.
         for (idx, wait) in paced {
             let t = now_ms() + wait.as_millis() as i64 + 1;
             for i in idx {
@@ -473,9 +544,22 @@ impl Worker {
             }
             handle.counters.paced.fetch_add(1, Ordering::Relaxed);
         }
+        results
+    }
+
+    /// Records each outcome on its recipient (retry time, or failure when the next
+    /// retry would pass `max_lifetime`), records forwarded copies for bounce
+    /// correlation, and returns the recipients whose failure must be reported.
+    async fn apply_outcomes(
+        &self,
+        env: &mut Envelope,
+        body: &[u8],
+        results: Vec<Result1>,
+        handle: &QueueHandle,
+    ) -> Vec<usize> {
         let message_id = (env.kind == MessageKind::Relay)
             .then(|| {
-                crate::smtp::header::field_values(header_section(&body), "message-id")
+                crate::smtp::header::field_values(header_section(body), "message-id")
                     .into_iter()
                     .next()
             })
@@ -483,6 +567,7 @@ impl Worker {
         let now = now_ms();
         let lifetime_end = env.arrival * 1000 + self.cfg.queue.max_lifetime.as_millis() as i64;
         let mut failed = Vec::new();
+        let mut forwarded = Vec::new();
         for (i, outcome, mta, tls) in results {
             let r = &mut env.rcpts[i];
             r.remote_mta = mta.or(r.remote_mta.take());
@@ -494,7 +579,7 @@ impl Worker {
                     r.last = Some(reply);
                     r.status = Some("2.0.0".into());
                     if env.kind == MessageKind::Relay && r.pool.is_none() {
-                        self.bounce.record_forward(&env.id, r, message_id.clone());
+                        forwarded.push((r.alias.clone(), r.dest.clone()));
                     }
                 }
                 Outcome::Failed(status, text) => {
@@ -528,7 +613,9 @@ impl Worker {
                 }
             }
         }
-
+        self.bounce
+            .record_forwards(&env.id, forwarded, message_id)
+            .await;
         // Failures recorded at acceptance (loops, unknown local destinations) and
         // failures whose report could not be stored before are reported now.
         for (i, r) in env.rcpts.iter().enumerate() {
@@ -540,7 +627,19 @@ impl Worker {
                 failed.push(i);
             }
         }
+        failed
+    }
 
+    /// DSNs for `failed` recipients, and delay DSNs when `delay_warning` is due. A DSN
+    /// that cannot be stored leaves its recipients unreported, retried in a minute.
+    async fn report(
+        &self,
+        env: &mut Envelope,
+        body: &[u8],
+        failed: Vec<usize>,
+        handle: &QueueHandle,
+    ) {
+        let now = now_ms();
         let mut delayed = Vec::new();
         if let Some(dw) = self.cfg.queue.delay_warning
             && now - env.arrival * 1000 >= dw.as_millis() as i64
@@ -552,13 +651,12 @@ impl Worker {
                 }
             }
         }
-
         for (list, action) in [(&failed, Action::Failed), (&delayed, Action::Delayed)] {
             if list.is_empty() {
                 continue;
             }
             let refs: Vec<&Rcpt> = list.iter().map(|&i| &env.rcpts[i]).collect();
-            match self.bounce.report(&env, &body, &refs, action).await {
+            match self.bounce.report(env, body, &refs, action).await {
                 Ok(queued) => {
                     for (e, b) in queued {
                         handle.enqueue(e, Some(b));
@@ -583,23 +681,24 @@ impl Worker {
                 }
             }
         }
+    }
 
+    /// Removes a finished message, or records the new delivery state.
+    async fn finish(&self, env: Envelope) -> Option<Envelope> {
         if env.is_done() {
             match self.spool.remove(&env.id).await {
                 Ok(()) | Err(SpoolError::NotFound(_)) => {
                     tracing::info!(queue_id = %env.id, "removed");
-                    None
                 }
                 Err(e) => {
                     tracing::error!(queue_id = %env.id, error = %e, "cannot remove finished message");
-                    None
                 }
             }
-        } else {
-            if let Err(e) = self.spool.update(&env).await {
-                tracing::error!(queue_id = %env.id, error = %e, "cannot record delivery state");
-            }
-            Some(env)
+            return None;
         }
+        if let Err(e) = self.spool.update(&env).await {
+            tracing::error!(queue_id = %env.id, error = %e, "cannot record delivery state");
+        }
+        Some(env)
     }
 }

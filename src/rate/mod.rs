@@ -4,14 +4,17 @@
 //!
 //! All state is in memory and bounded: at most `tracked_clients` entries, the least
 //! recently seen evicted first, so an attacker cycling source addresses cannot grow
-//! it. Lookups are O(1) under a short mutex; nothing here sleeps or does I/O — the
-//! session waits out a penalty itself, so one delayed client never delays another.
+//! it. Eviction never forgets live state: a client with open connections is never
+//! evicted (its count is what limits it), so the bound is `tracked_clients` plus the
+//! clients connected right now (at most `[smtp] max_connections`). Lookups are O(1)
+//! under a short, non-poisoning mutex; nothing here sleeps or does I/O — the session
+//! waits out a penalty itself, so one delayed client never delays another.
 
 use crate::config::LimitsConfig;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A client for limiting purposes: the IPv4 address, or the IPv6 /64.
@@ -33,13 +36,23 @@ impl ClientKey {
     }
 }
 
-/// A map that keeps at most `cap` entries, evicting the least recently touched.
+/// Whether an entry holds live state that eviction must keep.
+trait Pinned {
+    fn pinned(&self) -> bool {
+        false
+    }
+}
+
+impl Pinned for Bucket {}
+
+/// A map that keeps at most `cap` evictable entries, evicting the least recently
+/// touched; pinned entries (live state) are never evicted and not counted.
 struct Bounded<K, V> {
     map: HashMap<K, (V, Instant)>,
     cap: usize,
 }
 
-impl<K: Eq + Hash + Copy, V> Bounded<K, V> {
+impl<K: Eq + Hash + Copy, V: Pinned> Bounded<K, V> {
     fn new(cap: usize) -> Self {
         Bounded {
             map: HashMap::new(),
@@ -49,12 +62,20 @@ impl<K: Eq + Hash + Copy, V> Bounded<K, V> {
 
     fn entry(&mut self, k: K, now: Instant, init: impl FnOnce() -> V) -> &mut V {
         if !self.map.contains_key(&k) && self.map.len() >= self.cap {
-            // Evict the oldest tenth in one pass: amortized O(1) per insert.
-            let mut ages: Vec<Instant> = self.map.values().map(|(_, t)| *t).collect();
-            let cut = ages.len() / 10;
-            ages.select_nth_unstable(cut);
-            let limit = ages[cut];
-            self.map.retain(|_, (_, t)| *t > limit);
+            // Evict the oldest tenth of the evictable entries in one pass: amortized
+            // O(1) per insert. Pinned entries stay whatever their age.
+            let mut ages: Vec<Instant> = self
+                .map
+                .values()
+                .filter(|(v, _)| !v.pinned())
+                .map(|(_, t)| *t)
+                .collect();
+            if !ages.is_empty() {
+                let cut = ages.len() / 10;
+                ages.select_nth_unstable(cut);
+                let limit = ages[cut];
+                self.map.retain(|_, (v, t)| v.pinned() || *t > limit);
+            }
         }
         let e = self.map.entry(k).or_insert_with(|| (init(), now));
         e.1 = now;
@@ -124,6 +145,13 @@ struct ClientState {
     penalty: Option<Penalty>,
 }
 
+impl Pinned for ClientState {
+    /// A client with open connections: forgetting it would reset its limit.
+    fn pinned(&self) -> bool {
+        self.connections > 0
+    }
+}
+
 /// Why a connection is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -144,7 +172,7 @@ pub struct ConnectionGuard<'a> {
 
 impl Drop for ConnectionGuard<'_> {
     fn drop(&mut self) {
-        let mut c = self.limiter.clients.lock().expect("limiter lock");
+        let mut c = self.limiter.clients.lock();
         if let Some((s, _)) = c.map.get_mut(&self.key) {
             s.connections = s.connections.saturating_sub(1);
         }
@@ -169,7 +197,7 @@ impl Limiter {
         let now = Instant::now();
         let cap = self.cfg.connect_rate_per_minute.max(1) as f64;
         let per_sec = self.per_sec();
-        let mut c = self.clients.lock().expect("limiter lock");
+        let mut c = self.clients.lock();
         let s = c.entry(key, now, || ClientState {
             connections: 0,
             bucket: Bucket::full(cap, now),
@@ -205,7 +233,7 @@ impl Limiter {
     /// offending session): doubling per "user unknown", capped, decaying.
     pub fn penalty(&self, ip: IpAddr) -> Duration {
         let now = Instant::now();
-        let c = self.clients.lock().expect("limiter lock");
+        let c = self.clients.lock();
         match c.get(&ClientKey::of(ip)).and_then(|s| s.penalty) {
             Some(p) => self.delay_for(self.decayed(p, now)),
             None => Duration::ZERO,
@@ -216,7 +244,7 @@ impl Limiter {
     pub fn unknown_user(&self, ip: IpAddr) -> Duration {
         let now = Instant::now();
         let cap = self.cfg.connect_rate_per_minute.max(1) as f64;
-        let mut c = self.clients.lock().expect("limiter lock");
+        let mut c = self.clients.lock();
         let s = c.entry(ClientKey::of(ip), now, || ClientState {
             connections: 0,
             bucket: Bucket::full(cap, now),
@@ -236,7 +264,7 @@ impl Limiter {
     }
 
     pub fn tracked(&self) -> usize {
-        self.clients.lock().expect("limiter lock").len()
+        self.clients.lock().len()
     }
 }
 
@@ -268,7 +296,7 @@ impl Pacer {
     /// Takes one message slot for `key`; Err(wait) when over the limit.
     pub fn take(&self, key: &str) -> Result<(), Duration> {
         let now = Instant::now();
-        let mut b = self.buckets.lock().expect("pacer lock");
+        let mut b = self.buckets.lock();
         let cap = self.cap;
         b.entry(hash_key(key), now, || Bucket::full(cap, now))
             .take(cap, self.per_sec, now)
@@ -276,7 +304,7 @@ impl Pacer {
 
     /// Gives back the slot `take` just took for `key` (the message did not go after all).
     pub fn refund(&self, key: &str) {
-        let mut b = self.buckets.lock().expect("pacer lock");
+        let mut b = self.buckets.lock();
         if let Some((bucket, _)) = b.map.get_mut(&hash_key(key)) {
             bucket.tokens = (bucket.tokens + 1.0).min(self.cap);
         }
@@ -347,6 +375,41 @@ mod tests {
             l.unknown_user(ip);
         }
         assert!(l.tracked() <= 16, "{}", l.tracked());
+    }
+
+    #[test]
+    fn eviction_never_forgets_open_connections() {
+        // Many /64s churn through a small table while one client keeps its limit.
+        let l = Limiter::new(&LimitsConfig {
+            connect_rate_per_minute: 0,
+            ..cfg()
+        });
+        let a: IpAddr = "2001:db8:aaaa:1::1".parse().unwrap();
+        let _g1 = l.admit(a).unwrap();
+        let _g2 = l.admit(a).unwrap();
+        for i in 0..1000u64 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(
+                (0x2001_0db8_0000_0000u128 + i as u128) << 64,
+            ));
+            drop(l.admit(ip).unwrap());
+        }
+        assert_eq!(l.admit(a).err(), Some(Refusal::TooManyFromClient));
+        assert!(l.tracked() <= 16 + 1, "{}", l.tracked());
+    }
+
+    #[test]
+    fn a_panic_holding_the_lock_does_not_cascade() {
+        let l = std::sync::Arc::new(Limiter::new(&cfg()));
+        let l2 = l.clone();
+        let r = std::thread::spawn(move || {
+            let _held = l2.clients.lock();
+            panic!("a bug while holding the limiter lock");
+        })
+        .join();
+        assert!(r.is_err());
+        // parking_lot releases the lock on unwind and does not poison it.
+        assert!(l.admit("192.0.2.9".parse().unwrap()).is_ok());
+        assert_eq!(l.penalty("192.0.2.9".parse().unwrap()), Duration::ZERO);
     }
 
     #[test]

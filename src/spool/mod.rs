@@ -12,18 +12,26 @@
 //! Later delivery state goes to `ID.env` by temp → fsync → rename → dir fsync; it
 //! supersedes the envelope inside `ID.msg`. Removal unlinks `ID.env` first, so a crash
 //! can at worst bring back the first envelope (a repeated delivery), never lose one.
-//! All of this is blocking I/O and runs on tokio's blocking pool, never on an async
-//! worker.
+//! A corrupt `ID.env` falls back to the envelope committed in `ID.msg` (logged and
+//! counted); only a message whose own file is unreadable is quarantined.
+//!
+//! A failed write (a full disk) removes its temp file at once, and a commit whose
+//! directory fsync failed removes the renamed file: nothing half-written stays behind,
+//! and the caller's 4xx is the truth. Queue ids are checked before they name a file
+//! ([`valid_id`]), so no caller can reach outside the queue directory. Files are 0600
+//! and directories 0700 whatever the umask. All of this is blocking I/O and runs on
+//! tokio's blocking pool, never on an async worker.
 
 mod envelope;
 
 pub use envelope::{Envelope, MessageKind, Rcpt, RcptState};
 
-use std::fs::{self, File, OpenOptions};
+use crate::disk;
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -35,8 +43,26 @@ pub enum SpoolError {
     Corrupt { path: PathBuf, message: String },
     #[error("no such message in the queue: {0}")]
     NotFound(String),
+    #[error("invalid queue id {0:?} (queue ids are hex digits, as `tenso queue list` shows them)")]
+    BadId(String),
     #[error("the spool's commit thread is gone")]
     Closed,
+}
+
+impl SpoolError {
+    /// The disk (or quota) is full: a temporary condition the client should retry.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. } if disk::is_no_space(source))
+    }
+}
+
+/// Whether `id` can be a queue id: 1 to 32 upper-case hex digits, as [`Spool::new_id`]
+/// makes them. Nothing else may name a spool file (`../x`, `a/b`, `.`, empty).
+pub fn valid_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -52,6 +78,8 @@ pub struct Recovered {
     pub envelopes: Vec<Envelope>,
     pub partial_removed: usize,
     pub quarantined: usize,
+    /// Corrupt `ID.env` files set aside; their messages resumed from `ID.msg`.
+    pub env_fallbacks: usize,
 }
 
 #[derive(Clone)]
@@ -64,12 +92,14 @@ struct Inner {
     quarantine: PathBuf,
     dir_sync: mpsc::Sender<oneshot::Sender<io::Result<()>>>,
     seq: AtomicU32,
+    /// Corrupt `ID.env` read, envelope taken from `ID.msg` instead.
+    env_fallbacks: AtomicU64,
 }
 
 impl Spool {
     /// Opens (creating) the queue directory and starts the directory-sync thread.
     pub fn open(dir: &Path, quarantine: &Path) -> Result<Spool, SpoolError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        disk::create_dir_durable(dir, disk::PRIVATE).map_err(io_err(dir))?;
         let (tx, rx) = mpsc::channel::<oneshot::Sender<io::Result<()>>>();
         let dir_file = File::open(dir).map_err(io_err(dir))?;
         std::thread::Builder::new()
@@ -96,12 +126,23 @@ impl Spool {
                 quarantine: quarantine.to_owned(),
                 dir_sync: tx,
                 seq: AtomicU32::new(rand::random::<u16>() as u32),
+                env_fallbacks: AtomicU64::new(0),
             }),
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Free bytes on the spool's file system (one `statvfs`, a few microseconds).
+    pub fn free_space(&self) -> io::Result<u64> {
+        disk::free_space(&self.inner.dir)
+    }
+
+    /// How many corrupt `ID.env` files were replaced by the envelope in `ID.msg`.
+    pub fn env_fallbacks(&self) -> u64 {
+        self.inner.env_fallbacks.load(Ordering::Relaxed)
     }
 
     /// A new queue id: microseconds since the epoch and a counter, in hex. Ids sort
@@ -116,8 +157,12 @@ impl Spool {
         format!("{micros:013X}{n:05X}")
     }
 
-    fn path(&self, id: &str, ext: &str) -> PathBuf {
-        self.inner.dir.join(format!("{id}.{ext}"))
+    /// The file `ID.ext`; ids that are not queue ids never name a file.
+    fn path(&self, id: &str, ext: &str) -> Result<PathBuf, SpoolError> {
+        if !valid_id(id) {
+            return Err(SpoolError::BadId(id.to_string()));
+        }
+        Ok(self.inner.dir.join(format!("{id}.{ext}")))
     }
 
     async fn sync_dir(&self) -> Result<(), SpoolError> {
@@ -134,31 +179,37 @@ impl Spool {
     /// Writes message and envelope durably. When this returns Ok, the message
     /// survives a crash or power loss; only then may the client get its 250.
     pub async fn commit(&self, env: &Envelope, body: Arc<Vec<u8>>) -> Result<(), SpoolError> {
-        let this = self.clone();
         // Compact JSON has no line breaks, and the header line ends in CRLF: the file
         // holds no bare LF, like the message after it.
         let env_bytes = serde_json::to_vec(env).expect("envelope serializes");
         let id = env.id.clone();
+        let fin = self.path(&id, "msg")?;
+        let tmp = self.path(&id, "msg.tmp")?;
+        let f = fin.clone();
         tokio::task::spawn_blocking(move || -> Result<(), SpoolError> {
-            let tmp = this.path(&id, "msg.tmp");
-            let fin = this.path(&id, "msg");
             let head = format!("{MAGIC} {}\r\n", env_bytes.len());
             write_synced(&tmp, &[head.as_bytes(), &env_bytes, &body])?;
-            fs::rename(&tmp, &fin).map_err(io_err(&fin))
+            rename_or_clean(&tmp, &f)
         })
         .await
         .map_err(|_| SpoolError::Closed)??;
-        self.sync_dir().await
+        if let Err(e) = self.sync_dir().await {
+            // Not known durable, so not committed: the client gets a 4xx and retries;
+            // a file left here would be delivered as well (a duplicate).
+            let _ = tokio::task::spawn_blocking(move || fs::remove_file(&fin)).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn write_env_blocking(&self, id: &str, bytes: &[u8]) -> Result<(), SpoolError> {
-        if !self.path(id, "msg").exists() {
+        if !self.path(id, "msg")?.exists() {
             return Err(SpoolError::NotFound(id.to_string()));
         }
-        let tmp = self.path(id, "env.tmp");
-        let fin = self.path(id, "env");
+        let tmp = self.path(id, "env.tmp")?;
+        let fin = self.path(id, "env")?;
         write_synced(&tmp, &[bytes])?;
-        fs::rename(&tmp, &fin).map_err(io_err(&fin))
+        rename_or_clean(&tmp, &fin)
     }
 
     /// Replaces the envelope of a queued message (delivery state) durably.
@@ -183,12 +234,12 @@ impl Spool {
     }
 
     pub fn remove_blocking(&self, id: &str) -> Result<(), SpoolError> {
-        let env = self.path(id, "env");
+        let env = self.path(id, "env")?;
         match fs::remove_file(&env) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&env)(e)),
             _ => {}
         }
-        let msg = self.path(id, "msg");
+        let msg = self.path(id, "msg")?;
         match fs::remove_file(&msg) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -200,7 +251,7 @@ impl Spool {
 
     /// Reads `ID.msg`: the embedded envelope bytes and the message.
     fn read_msg_file(&self, id: &str) -> Result<(Vec<u8>, usize, usize), SpoolError> {
-        let p = self.path(id, "msg");
+        let p = self.path(id, "msg")?;
         let bytes = fs::read(&p).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 SpoolError::NotFound(id.to_string())
@@ -231,18 +282,42 @@ impl Spool {
     }
 
     /// The current envelope: `ID.env` when delivery state was recorded, else the
-    /// one committed with the message.
+    /// one committed with the message. A corrupt `ID.env` (or one naming another
+    /// message) is logged and counted, and the committed envelope is used instead.
     pub fn read_envelope(&self, id: &str) -> Result<Envelope, SpoolError> {
-        let p = self.path(id, "env");
-        match fs::read(&p) {
-            Ok(bytes) => {
-                return Envelope::from_bytes(&bytes)
-                    .map_err(|message| SpoolError::Corrupt { path: p, message });
+        match self.read_env_file(id) {
+            Ok(Some(env)) => return Ok(env),
+            Ok(None) => {}
+            Err(SpoolError::Corrupt { path, message }) => {
+                self.inner.env_fallbacks.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(queue_id = id, path = %path.display(), reason = %message, "corrupt envelope file: using the envelope committed with the message");
             }
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
-            Err(_) => {}
+            Err(e) => return Err(e),
         }
-        let m = self.path(id, "msg");
+        self.committed_envelope(id)
+    }
+
+    /// `ID.env` if there is one; Corrupt when it does not parse or names another id.
+    fn read_env_file(&self, id: &str) -> Result<Option<Envelope>, SpoolError> {
+        let p = self.path(id, "env")?;
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        match Envelope::from_bytes(&bytes) {
+            Ok(env) if env.id == id => Ok(Some(env)),
+            Ok(env) => Err(SpoolError::Corrupt {
+                path: p,
+                message: format!("envelope of another message ({})", env.id),
+            }),
+            Err(message) => Err(SpoolError::Corrupt { path: p, message }),
+        }
+    }
+
+    /// The envelope written into `ID.msg` at the commit.
+    fn committed_envelope(&self, id: &str) -> Result<Envelope, SpoolError> {
+        let m = self.path(id, "msg")?;
         let head = read_head(&m).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 SpoolError::NotFound(id.to_string())
@@ -256,9 +331,7 @@ impl Spool {
     /// Writes an envelope synchronously (CLI direct mode, no daemon running).
     pub fn update_blocking(&self, env: &Envelope) -> Result<(), SpoolError> {
         self.write_env_blocking(&env.id, &env.to_bytes())?;
-        File::open(&self.inner.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.inner.dir))
+        disk::sync_dir(&self.inner.dir).map_err(io_err(&self.inner.dir))
     }
 
     /// Lists committed envelopes without changing anything (for `queue list` when no
@@ -268,7 +341,11 @@ impl Spool {
         for entry in fs::read_dir(&self.inner.dir).map_err(io_err(&self.inner.dir))? {
             let entry = entry.map_err(io_err(&self.inner.dir))?;
             let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".msg")) else {
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".msg"))
+                .filter(|i| valid_id(i))
+            else {
                 continue;
             };
             if let Ok(env) = self.read_envelope(id) {
@@ -279,9 +356,10 @@ impl Spool {
         Ok(out)
     }
 
-    /// Start-up recovery: removes temp files (never acknowledged), moves unreadable
-    /// messages and envelopes without message to the quarantine directory, and
-    /// returns every committed message with its current envelope.
+    /// Start-up recovery: removes temp files (never acknowledged), sets corrupt
+    /// `ID.env` files aside (the message resumes from the envelope in `ID.msg`), moves
+    /// unreadable messages and envelopes without message to the quarantine directory,
+    /// and returns every committed message with its current envelope.
     pub fn recover(&self) -> Result<Recovered, SpoolError> {
         let dir = &self.inner.dir;
         let mut rec = Recovered::default();
@@ -299,16 +377,15 @@ impl Spool {
                 rec.partial_removed += 1;
                 continue;
             }
-            let (id, why) = if let Some(id) = name.strip_suffix(".msg") {
-                match self.read_envelope(id) {
-                    Ok(env) if env.id == id => {
+            let (id, why) = if let Some(id) = name.strip_suffix(".msg").filter(|i| valid_id(i)) {
+                match self.recover_one(id, &mut rec) {
+                    Ok(env) => {
                         rec.envelopes.push(env);
                         continue;
                     }
-                    Ok(_) => (id, "envelope of another message".to_string()),
                     Err(e) => (id, e.to_string()),
                 }
-            } else if let Some(id) = name.strip_suffix(".env") {
+            } else if let Some(id) = name.strip_suffix(".env").filter(|i| valid_id(i)) {
                 if names.contains(&format!("{id}.msg")) {
                     continue;
                 }
@@ -317,28 +394,58 @@ impl Spool {
                 continue;
             };
             tracing::error!(queue_id = id, reason = %why, "quarantining spool entry");
-            self.quarantine(id)?;
+            self.quarantine(id, &["env", "msg"])?;
             rec.quarantined += 1;
         }
-        if rec.partial_removed + rec.quarantined > 0 {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(dir))?;
+        if rec.partial_removed + rec.quarantined + rec.env_fallbacks > 0 {
+            disk::sync_dir(dir).map_err(io_err(dir))?;
         }
         Ok(rec)
     }
 
-    fn quarantine(&self, id: &str) -> Result<(), SpoolError> {
+    /// The envelope a committed message resumes with. A corrupt `ID.env` is moved to
+    /// the quarantine as `ID.env` (evidence) and the envelope in `ID.msg` is used.
+    fn recover_one(&self, id: &str, rec: &mut Recovered) -> Result<Envelope, SpoolError> {
+        match self.read_env_file(id) {
+            Ok(Some(env)) => return Ok(env),
+            Ok(None) => {}
+            Err(SpoolError::Corrupt { message, .. }) => {
+                let env = self.committed_envelope(id)?;
+                if env.id != id {
+                    return Err(SpoolError::Corrupt {
+                        path: self.path(id, "msg")?,
+                        message: "envelope of another message".into(),
+                    });
+                }
+                tracing::error!(queue_id = id, reason = %message, "corrupt envelope file set aside: the message resumes from the envelope committed with it (a delivery or report may repeat)");
+                self.quarantine(id, &["env"])?;
+                self.inner.env_fallbacks.fetch_add(1, Ordering::Relaxed);
+                rec.env_fallbacks += 1;
+                return Ok(env);
+            }
+            Err(e) => return Err(e),
+        }
+        let env = self.committed_envelope(id)?;
+        if env.id != id {
+            return Err(SpoolError::Corrupt {
+                path: self.path(id, "msg")?,
+                message: "envelope of another message".into(),
+            });
+        }
+        Ok(env)
+    }
+
+    fn quarantine(&self, id: &str, exts: &[&str]) -> Result<(), SpoolError> {
         let q = &self.inner.quarantine;
-        fs::create_dir_all(q).map_err(io_err(q))?;
-        for ext in ["env", "msg"] {
-            let from = self.path(id, ext);
+        disk::create_dir_durable(q, disk::PRIVATE).map_err(io_err(q))?;
+        for ext in exts {
+            let from = self.path(id, ext)?;
             if from.exists() {
                 let to = q.join(format!("{id}.{ext}"));
                 fs::rename(&from, &to).map_err(io_err(&to))?;
             }
         }
-        Ok(())
+        disk::sync_dir(q).map_err(io_err(q))
     }
 }
 
@@ -394,20 +501,30 @@ fn read_head(path: &Path) -> io::Result<Vec<u8>> {
     Ok(buf[nl + 1..need].to_vec())
 }
 
-/// Creates `path`, writes the parts, fsyncs (data only: the rename and the
+/// Creates `path` (0600), writes the parts, fsyncs (data only: the rename and the
 /// directory fsync that follow make the name durable). The file did not exist before:
-/// ids are unique, and a stale temp file from a crash is truncated.
+/// ids are unique, and a stale temp file from a crash is truncated. On any failure the
+/// file is removed at once: a full disk must not keep the space it could not use.
 fn write_synced(path: &Path, parts: &[&[u8]]) -> Result<(), SpoolError> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io_err(path))?;
-    for p in parts {
-        f.write_all(p).map_err(io_err(path))?;
-    }
-    f.sync_data().map_err(io_err(path))
+    let res = (|| {
+        let mut f = disk::create_file(path, disk::PRIVATE, true)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
+        f.sync_data()
+    })();
+    res.map_err(|e| {
+        let _ = fs::remove_file(path);
+        io_err(path)(e)
+    })
+}
+
+/// Renames a written temp file into place, removing it if the rename fails.
+fn rename_or_clean(tmp: &Path, fin: &Path) -> Result<(), SpoolError> {
+    fs::rename(tmp, fin).map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        io_err(fin)(e)
+    })
 }
 
 #[cfg(test)]
@@ -478,6 +595,53 @@ mod tests {
         s.remove(&id).await.unwrap();
         assert!(matches!(s.update(&e).await, Err(SpoolError::NotFound(_))));
         assert!(s.recover().unwrap().envelopes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ids_that_name_other_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Spool::open(&d.path().join("q"), &d.path().join("quar")).unwrap();
+        fs::write(d.path().join("x.msg"), b"victim").unwrap();
+        for bad in ["../x", "..", "", "a/b", "/etc/passwd", "0123abcdef", "X"] {
+            assert!(!valid_id(bad), "{bad:?}");
+            assert!(
+                matches!(s.remove_blocking(bad), Err(SpoolError::BadId(_))),
+                "{bad:?}"
+            );
+            assert!(
+                matches!(s.read_envelope(bad), Err(SpoolError::BadId(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(d.path().join("x.msg").exists());
+        assert!(valid_id(&s.new_id()));
+    }
+
+    #[tokio::test]
+    async fn corrupt_env_falls_back_to_the_committed_envelope() {
+        let d = tempfile::tempdir().unwrap();
+        let q = d.path().join("q");
+        let s = Spool::open(&q, &d.path().join("quar")).unwrap();
+        let id = s.new_id();
+        let mut e = env(&id);
+        s.commit(&e, Arc::new(b"body\r\n".to_vec())).await.unwrap();
+        e.rcpts[0].attempts = 2;
+        s.update(&e).await.unwrap();
+        fs::write(q.join(format!("{id}.env")), b"{\"id\": trunc").unwrap();
+        assert_eq!(s.read_envelope(&id).unwrap().rcpts[0].attempts, 0);
+        assert_eq!(s.env_fallbacks(), 1);
+        let rec = s.recover().unwrap();
+        assert_eq!(
+            (rec.envelopes.len(), rec.env_fallbacks, rec.quarantined),
+            (1, 1, 0)
+        );
+        assert!(d.path().join(format!("quar/{id}.env")).exists());
+        assert!(q.join(format!("{id}.msg")).exists());
+        // An envelope naming another message is corrupt as well.
+        let mut other = env(&id);
+        other.id = "ABC".into();
+        fs::write(q.join(format!("{id}.env")), other.to_bytes()).unwrap();
+        assert_eq!(s.read_envelope(&id).unwrap().id, id);
     }
 
     #[test]

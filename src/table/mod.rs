@@ -6,6 +6,10 @@
 //! to disk before it returns, so an acknowledged admin command survives a crash.
 //! sled takes an exclusive lock on its files: a second opener gets
 //! [`TableError::Locked`], which is how a second daemon is refused.
+//!
+//! What bounces report about destinations (their health) lives in a tree of its own,
+//! at most [`MAX_HEALTH`] destinations per alias, so neither a bounce storm nor its
+//! updates can grow or slow the entry every RCPT reads.
 
 pub mod fwdlog;
 pub mod import;
@@ -13,10 +17,11 @@ pub mod tls;
 
 use crate::config::{BouncePolicy, SpamPolicy};
 use crate::smtp::address::{Mailbox, check_alias};
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -32,15 +37,31 @@ pub enum TableError {
     Invalid(String),
 }
 
-/// Health of one destination, learned from bounces (filled by the bounce issue).
+/// Destinations whose health is kept per alias; the least recently reported one
+/// makes room for a new one.
+pub const MAX_HEALTH: usize = 16;
+
+/// Longest diagnostic kept in a health entry (a remote reply, shown to the admin).
+const MAX_DIAGNOSTIC: usize = 300;
+
+/// Health of one destination, learned from bounces: the last status, when, and how
+/// many correlated bounces reported it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DestHealth {
     pub dest: String,
     pub status: String,
     pub diagnostic: String,
     pub at: i64,
+    #[serde(default = "one")]
+    pub count: u64,
 }
 
+fn one() -> u64 {
+    1
+}
+
+/// An alias as stored. (Entries written by older versions may also hold a `health`
+/// list; it is ignored: health lives in its own tree now.)
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AliasEntry {
     pub dests: Vec<String>,
@@ -49,8 +70,6 @@ pub struct AliasEntry {
     pub updated: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dmarc_preflight: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub health: Vec<DestHealth>,
     /// Own spam policy; None follows `[spam] default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spam: Option<SpamPolicy>,
@@ -221,6 +240,8 @@ pub struct Table {
     db: sled::Db,
     aliases: sled::Tree,
     domains: sled::Tree,
+    /// alias key → its destinations' health (JSON list, at most MAX_HEALTH).
+    health: sled::Tree,
     separator: Option<char>,
     max_depth: usize,
     /// Local domains → "has a catch-all", kept in memory: every RCPT asks, the set is
@@ -270,6 +291,7 @@ impl Table {
         Ok(Table {
             aliases: db.open_tree("aliases")?,
             domains: db.open_tree("domains")?,
+            health: db.open_tree("health")?,
             db,
             separator,
             max_depth,
@@ -287,36 +309,55 @@ impl Table {
         fwdlog::FwdLog::open(&self.db)
     }
 
-    /// Records what a bounce said about one destination of an alias: the latest
-    /// status per destination is kept, for `tenso user show`.
-    pub fn record_health(&self, alias: &str, health: DestHealth) -> Result<(), TableError> {
+    /// Records what one correlated bounce said about destinations of an alias, in one
+    /// compare-and-swap: each named destination gets its latest status (and its count
+    /// goes up); beyond [`MAX_HEALTH`] destinations the least recently reported go.
+    /// Not flushed: health is advice, and sled's own flush follows within a second.
+    pub fn record_health(&self, alias: &str, updates: &[DestHealth]) -> Result<(), TableError> {
         let name = AliasName::parse(alias)?;
         let key = name.key();
-        // Retry on concurrent change: health updates must not undo an admin's edit.
+        if !self.aliases.contains_key(&key)? {
+            return Err(TableError::NotFound(name.to_string()));
+        }
         loop {
-            let Some(old) = self.aliases.get(&key)? else {
-                return Err(TableError::NotFound(name.to_string()));
-            };
-            let mut entry = decode(&old)?;
-            entry
-                .health
-                .retain(|h| !h.dest.eq_ignore_ascii_case(&health.dest));
-            entry.health.push(health.clone());
-            entry.health.sort_by(|a, b| a.dest.cmp(&b.dest));
-            if self
-                .aliases
-                .compare_and_swap(&key, Some(old), Some(encode(&entry)))?
-                .is_ok()
-            {
+            let old = self.health.get(&key)?;
+            let mut list = old
+                .as_ref()
+                .and_then(|v| serde_json::from_slice::<Vec<DestHealth>>(v).ok())
+                .unwrap_or_default();
+            merge_health(&mut list, updates);
+            let new = serde_json::to_vec(&list).expect("health serializes");
+            if self.health.compare_and_swap(&key, old, Some(new))?.is_ok() {
                 return Ok(());
             }
         }
     }
 
-    /// Makes a change durable (and visible to the in-memory domain set).
+    /// The destinations' health of an alias, by destination.
+    pub fn health(&self, alias: &str) -> Result<Vec<DestHealth>, TableError> {
+        let name = AliasName::parse(alias)?;
+        Ok(match self.health.get(name.key())? {
+            Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
+            None => Vec::new(),
+        })
+    }
+
+    /// Every alias's health (few aliases have any), for listings.
+    pub fn all_health(&self) -> Result<HashMap<String, Vec<DestHealth>>, TableError> {
+        let mut out = HashMap::new();
+        for kv in self.health.iter() {
+            let (k, v) = kv?;
+            out.insert(name_of(&k), serde_json::from_slice(&v).unwrap_or_default());
+        }
+        Ok(out)
+    }
+
+    /// Makes a change durable (and visible to the in-memory domain set, rebuilt here
+    /// on the admin's thread so the scan does not land on the next RCPT).
     pub fn flush(&self) -> Result<(), TableError> {
         self.changed();
         self.db.flush()?;
+        self.local_domains()?;
         Ok(())
     }
 
@@ -330,7 +371,7 @@ impl Table {
     /// Local domains with their catch-all flag, from memory (rebuilt after changes).
     fn local_domains(&self) -> Result<Arc<HashMap<String, bool>>, TableError> {
         let generation = {
-            let c = self.local.read().expect("domain cache lock");
+            let c = self.local.read();
             if let Some(m) = &c.domains {
                 return Ok(m.clone());
             }
@@ -342,7 +383,7 @@ impl Table {
             m.insert(d, catch_all);
         }
         let m = Arc::new(m);
-        let mut c = self.local.write().expect("domain cache lock");
+        let mut c = self.local.write();
         if c.generation == generation {
             c.domains = Some(m.clone());
         }
@@ -351,7 +392,7 @@ impl Table {
 
     /// Forgets the in-memory domain set after a change.
     fn changed(&self) {
-        let mut c = self.local.write().expect("domain cache lock");
+        let mut c = self.local.write();
         c.generation += 1;
         c.domains = None;
     }
@@ -526,7 +567,6 @@ impl Table {
             created: now,
             updated: now,
             dmarc_preflight: None,
-            health: Vec::new(),
             spam: None,
             state: AliasState::Active,
         };
@@ -565,6 +605,7 @@ impl Table {
         if self.aliases.remove(name.key())?.is_none() {
             return Err(TableError::NotFound(name.to_string()));
         }
+        self.health.remove(name.key())?;
         self.flush()?;
         Ok(())
     }
@@ -653,7 +694,6 @@ impl Table {
                         created: old.as_ref().map_or(now, |o| o.created),
                         updated: now,
                         dmarc_preflight: old.as_ref().and_then(|o| o.dmarc_preflight.clone()),
-                        health: Vec::new(),
                         spam: old.as_ref().and_then(|o| o.spam),
                         state: old.as_ref().map_or(AliasState::Active, |o| o.state),
                     };
@@ -704,6 +744,40 @@ impl Table {
         self.flush()?;
         Ok(report)
     }
+}
+
+/// Folds `updates` into `list`: one entry per destination (case-insensitive), the
+/// latest report wins and counts; at most [`MAX_HEALTH`] entries, the least recently
+/// reported dropped first; sorted by destination for display.
+fn merge_health(list: &mut Vec<DestHealth>, updates: &[DestHealth]) {
+    for u in updates {
+        let mut u = u.clone();
+        if u.diagnostic.len() > MAX_DIAGNOSTIC {
+            let mut end = MAX_DIAGNOSTIC;
+            while !u.diagnostic.is_char_boundary(end) {
+                end -= 1;
+            }
+            u.diagnostic.truncate(end);
+        }
+        match list
+            .iter_mut()
+            .find(|h| h.dest.eq_ignore_ascii_case(&u.dest))
+        {
+            Some(h) => {
+                u.count = h.count.saturating_add(1);
+                *h = u;
+            }
+            None => {
+                u.count = 1;
+                list.push(u);
+            }
+        }
+    }
+    if list.len() > MAX_HEALTH {
+        list.sort_by_key(|h| std::cmp::Reverse(h.at));
+        list.truncate(MAX_HEALTH);
+    }
+    list.sort_by(|a, b| a.dest.cmp(&b.dest));
 }
 
 fn encode(e: &AliasEntry) -> Vec<u8> {
@@ -875,6 +949,45 @@ mod tests {
             .update("ok@alias.test", |e| e.dests = s(&["\"x>y\"@dest.test"]))
             .unwrap();
         assert_eq!(e.dests, s(&["\"x>y\"@dest.test"]));
+    }
+
+    #[test]
+    fn health_is_bounded_and_counted() {
+        let (_d, t) = table();
+        t.add("h@x.test", &s(&["a@dest.test"]), BouncePolicy::Pool)
+            .unwrap();
+        let h = |dest: &str, at: i64| DestHealth {
+            dest: dest.into(),
+            status: "5.1.1".into(),
+            diagnostic: "x".repeat(1000),
+            at,
+            count: 0,
+        };
+        let many: Vec<DestHealth> = (0..40)
+            .map(|i| h(&format!("d{i:02}@dest.test"), i))
+            .collect();
+        t.record_health("h@x.test", &many).unwrap();
+        t.record_health("h@x.test", &[h("D39@dest.test", 100)])
+            .unwrap();
+        let got = t.health("h@x.test").unwrap();
+        assert_eq!(got.len(), MAX_HEALTH);
+        // The most recently reported survive; the repeated one counts twice.
+        assert!(got.iter().all(|g| g.at >= 24), "{got:?}");
+        let d39 = got
+            .iter()
+            .find(|g| g.dest.eq_ignore_ascii_case("d39@dest.test"))
+            .unwrap();
+        assert_eq!((d39.count, d39.at), (2, 100));
+        assert!(got.iter().all(|g| g.diagnostic.len() <= MAX_DIAGNOSTIC));
+        // The alias entry every RCPT reads does not grow with health.
+        let raw = t.aliases.get(key("x.test", "h")).unwrap().unwrap();
+        assert!(raw.len() < 200, "{}", raw.len());
+        assert!(
+            t.record_health("nobody@x.test", &[h("a@dest.test", 1)])
+                .is_err()
+        );
+        t.remove("h@x.test").unwrap();
+        assert!(t.all_health().unwrap().is_empty());
     }
 
     #[test]
