@@ -445,8 +445,71 @@ pub struct QueueConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TableConfig {
+    /// Where the shared table lives: `sled` (embedded, one node) or `postgres`.
+    pub backend: TableBackend,
     /// sled page cache, bytes. Bounded so a million aliases stay cheap.
     pub cache_bytes: u64,
+    /// PostgreSQL connection URL (`postgresql://tenso@host:5432/tenso`), without a
+    /// password: a URL that holds one is refused.
+    pub url: Option<String>,
+    /// File holding the database password (first line), read at start.
+    pub password_file: Option<PathBuf>,
+    /// Connections per node.
+    pub pool_size: usize,
+    /// Deadline of a connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline of one table operation (waiting for a connection included).
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// Aliases the in-memory view of a postgres table holds (LRU beyond that).
+    pub view_entries: u64,
+    /// How often the view checks the table's change counter (missed notifications).
+    #[serde(with = "humantime_serde")]
+    pub view_check: Duration,
+    /// How long the view still answers after its change feed (LISTEN) was lost.
+    #[serde(with = "humantime_serde")]
+    pub view_grace: Duration,
+}
+
+/// Does a PostgreSQL URL (or key=value string) carry a password? Such a config would
+/// put the secret where `config check` prints it and logs quote it.
+pub fn url_has_password(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    if lower.contains("password=") {
+        return true;
+    }
+    let Some(rest) = lower
+        .strip_prefix("postgresql://")
+        .or_else(|| lower.strip_prefix("postgres://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TableBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+impl std::str::FromStr for TableBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sled" => Ok(TableBackend::Sled),
+            "postgres" | "postgresql" => Ok(TableBackend::Postgres),
+            _ => Err(format!(
+                "unknown table store {s:?} (expected sled or postgres)"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -724,7 +787,16 @@ impl Default for QueueConfig {
 impl Default for TableConfig {
     fn default() -> Self {
         TableConfig {
+            backend: TableBackend::Sled,
             cache_bytes: 128 * 1024 * 1024,
+            url: None,
+            password_file: None,
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(3),
+            query_timeout: Duration::from_secs(5),
+            view_entries: 200_000,
+            view_check: Duration::from_secs(30),
+            view_grace: Duration::from_secs(10),
         }
     }
 }
@@ -837,6 +909,7 @@ impl Config {
         {
             return bad(format!("[pool] group {g:?}: no such group"));
         }
+        self.validate_table()?;
         self.validate_spam()?;
         if self.delivery.mta_sts_port == 0 {
             return bad("[delivery] mta_sts_port must not be 0".into());
@@ -851,6 +924,27 @@ impl Config {
         for pm in &self.postmaster {
             crate::smtp::address::Mailbox::parse(pm)
                 .map_err(|e| ConfigError::Invalid(format!("postmaster {pm:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn validate_table(&self) -> Result<(), ConfigError> {
+        let t = &self.table;
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("[table] {m}")));
+        if t.backend == TableBackend::Sled {
+            return Ok(());
+        }
+        let Some(url) = &t.url else {
+            return bad("backend = \"postgres\" needs url");
+        };
+        if url_has_password(url) {
+            return bad("url must not hold a password: put it in password_file");
+        }
+        if t.pool_size == 0 || t.pool_size > 1000 {
+            return bad("pool_size must be between 1 and 1000");
+        }
+        if t.connect_timeout.is_zero() || t.query_timeout.is_zero() || t.view_check.is_zero() {
+            return bad("connect_timeout, query_timeout and view_check must be more than 0s");
         }
         Ok(())
     }

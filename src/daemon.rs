@@ -15,14 +15,21 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+/// Opens the table on the configured store (`[table] backend`); the node's sled
+/// database in `DATA_DIR/table` is opened either way (node-local state, the lock).
 pub fn open_table(cfg: &Config) -> Result<Table, TableError> {
     let sep = cfg.subaddress_separator.chars().next();
-    let t = Table::open(
-        &cfg.table_dir(),
+    let (dir, cache, depth) = (
+        cfg.table_dir(),
         cfg.table.cache_bytes,
-        sep,
         cfg.delivery.max_alias_depth,
-    )?;
+    );
+    let t = match cfg.table.backend {
+        crate::config::TableBackend::Sled => Table::open(&dir, cache, sep, depth)?,
+        crate::config::TableBackend::Postgres => {
+            Table::open_postgres(&dir, cache, sep, depth, &cfg.table)?
+        }
+    };
     // sled creates its files with the process umask (077 in the binary); a library
     // caller or an older install may have left them wider: tighten, never widen.
     match disk::tighten(&cfg.table_dir(), disk::PRIVATE) {
@@ -113,6 +120,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ),
         Err(e) => return Err(e).context("opening the forwarding table"),
     };
+    if let Some(pg) = table.postgres() {
+        let pg = pg.clone();
+        match tokio::task::spawn_blocking(move || pg.migrate()).await? {
+            Ok(v) => tracing::info!(schema = v, "postgres table ready"),
+            // Not fatal: the change feed keeps trying (and migrates when it gets
+            // through); meanwhile RCPT answers 451.
+            Err(e) => tracing::warn!(error = %e, "postgres table not reachable at start"),
+        }
+    }
     let spool = open_spool(&cfg)?;
     let recovered = spool.recover().context("recovering the spool")?;
     tracing::info!(

@@ -108,6 +108,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The table's stores: schema migration, copying between sled and PostgreSQL.
+    Table {
+        #[command(subcommand)]
+        cmd: TableCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TableCmd {
+    /// Create or upgrade the PostgreSQL schema (`[table] url`); also done at `serve`.
+    Migrate,
+    /// Copy the whole table from one store to the other (run with no daemon on this
+    /// data dir): `--from sled --to postgres`, or back.
+    Copy {
+        #[arg(long)]
+        from: crate::config::TableBackend,
+        #[arg(long)]
+        to: crate::config::TableBackend,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -473,6 +494,7 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
             (Request::SpamLearn { id, spam }, false, output::Kind::Json)
         }
         Command::Status { json } => (Request::Status, json, output::Kind::Json),
+        Command::Table { cmd } => return table_cmd(cmd, &cfg).await,
     };
     let resp = match send(&cfg, req).await {
         Ok(r) => r,
@@ -482,6 +504,86 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
         }
     };
     output::print(resp, json, kind)
+}
+
+/// `tenso table …`: runs here, on the stores themselves (never through a daemon:
+/// a copy needs the node's sled database, which a running daemon locks).
+async fn table_cmd(cmd: TableCmd, cfg: &Config) -> ExitCode {
+    let cfg = cfg.clone();
+    let res = tokio::task::spawn_blocking(move || match cmd {
+        TableCmd::Migrate => {
+            let pg = crate::table::pg::PgStore::open(&cfg.table)?;
+            let v = pg.migrate()?;
+            Ok(format!("postgres table schema: version {v}\n"))
+        }
+        TableCmd::Copy { from, to, json } => table_copy(&cfg, from, to, json),
+    })
+    .await;
+    match res {
+        Ok(Ok(text)) => output::emit(&text, ExitCode::SUCCESS),
+        Ok(Err(e)) => {
+            output::warn(&format!("{e:#}"));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            output::warn(&format!("table command failed: {e}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn table_copy(
+    cfg: &Config,
+    from: crate::config::TableBackend,
+    to: crate::config::TableBackend,
+    json: bool,
+) -> anyhow::Result<String> {
+    use crate::config::TableBackend;
+    if from == to {
+        anyhow::bail!("--from and --to name the same store");
+    }
+    if cfg.table.url.is_none() {
+        anyhow::bail!("[table] url is not set: the PostgreSQL side of the copy is unknown");
+    }
+    become_data_dir_owner(cfg)?;
+    crate::daemon::prepare_data_dir(cfg)?;
+    let sep = cfg.subaddress_separator.chars().next();
+    let depth = cfg.delivery.max_alias_depth;
+    let sled = match crate::table::Table::open(&cfg.table_dir(), cfg.table.cache_bytes, sep, depth)
+    {
+        Err(crate::table::TableError::Locked(_)) => anyhow::bail!(
+            "the sled table in {} is locked: stop the daemon of this data dir first",
+            cfg.table_dir().display()
+        ),
+        t => t?,
+    };
+    let pg = crate::table::Table::postgres_on(sled.node_db().clone(), sep, depth, &cfg.table)?;
+    pg.postgres().expect("postgres store").migrate()?;
+    let report = match (from, to) {
+        (TableBackend::Sled, _) => crate::table::copy::copy(&sled, &pg)?,
+        (TableBackend::Postgres, _) => crate::table::copy::copy(&pg, &sled)?,
+    };
+    Ok(if json {
+        format!("{}\n", serde_json::to_string_pretty(&report)?)
+    } else {
+        format!(
+            "copied {} aliases ({} replaced), {} domains, {} health lists, {} correlation records from {} to {}\n",
+            report.aliases,
+            report.replaced,
+            report.domains,
+            report.health,
+            report.fwdlog,
+            backend_name(from),
+            backend_name(to)
+        )
+    })
+}
+
+fn backend_name(b: crate::config::TableBackend) -> &'static str {
+    match b {
+        crate::config::TableBackend::Sled => "sled",
+        crate::config::TableBackend::Postgres => "postgres",
+    }
 }
 
 fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) -> ExitCode {

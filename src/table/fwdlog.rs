@@ -2,8 +2,12 @@
 //! an alias can be tied to the forward that caused it — without SRS. Looked up by the
 //! ENVID tenso sent (its queue id), else by the original Message-ID. Bounded by time:
 //! [`FwdLog::expire`] drops records older than `[bounce] log_retention`.
+//!
+//! Kept where the table is: in the node's sled database, or in PostgreSQL, where a
+//! bounce arriving at any node of a fleet finds the copy another node forwarded.
 
 use super::TableError;
+use super::pg::PgStore;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -16,7 +20,13 @@ pub struct FwdRecord {
 }
 
 #[derive(Clone)]
-pub struct FwdLog {
+pub enum FwdLog {
+    Sled(SledLog),
+    Pg(PgStore),
+}
+
+#[derive(Clone)]
+pub struct SledLog {
     by_id: sled::Tree,
     by_mid: sled::Tree,
 }
@@ -28,34 +38,100 @@ fn k2(a: &str, b: &str) -> Vec<u8> {
     k
 }
 
-fn norm_mid(mid: &str) -> String {
+impl FwdLog {
+    pub(super) fn open(db: &sled::Db) -> Result<FwdLog, TableError> {
+        Ok(FwdLog::Sled(SledLog {
+            by_id: db.open_tree("fwdlog")?,
+            by_mid: db.open_tree("fwdlog_mid")?,
+        }))
+    }
+
+    /// Records (or extends) the copy of `queue_id` forwarded for `alias`. Not flushed:
+    /// losing the last records in a crash only weakens correlation, never mail.
+    pub fn record(&self, rec: &FwdRecord) -> Result<(), TableError> {
+        match self {
+            FwdLog::Sled(s) => s.record(rec),
+            FwdLog::Pg(p) => p.fwd_record(rec),
+        }
+    }
+
+    /// The copy whose ENVID (our queue id) a DSN quotes, forwarded for `alias`.
+    pub fn by_envid(&self, envid: &str, alias: &str) -> Result<Option<FwdRecord>, TableError> {
+        match self {
+            FwdLog::Sled(s) => s.get(envid.trim(), alias),
+            FwdLog::Pg(p) => p.fwd_get(envid.trim(), alias),
+        }
+    }
+
+    /// The copy of the message with this Message-ID forwarded for `alias`.
+    pub fn by_message_id(&self, mid: &str, alias: &str) -> Result<Option<FwdRecord>, TableError> {
+        match self {
+            FwdLog::Sled(s) => s.by_message_id(mid, alias),
+            FwdLog::Pg(p) => p.fwd_by_mid(&norm_mid(mid), alias),
+        }
+    }
+
+    /// Drops records older than `cutoff` (unix seconds); returns how many.
+    pub fn expire(&self, cutoff: i64) -> Result<usize, TableError> {
+        match self {
+            FwdLog::Sled(s) => s.expire(cutoff),
+            FwdLog::Pg(p) => p.fwd_expire(cutoff),
+        }
+    }
+
+    /// Every record, oldest queue id first (table copy).
+    pub fn all(&self) -> Result<Vec<FwdRecord>, TableError> {
+        match self {
+            FwdLog::Sled(s) => {
+                let mut out = Vec::new();
+                for kv in s.by_id.iter() {
+                    if let Ok(r) = serde_json::from_slice(&kv?.1) {
+                        out.push(r);
+                    }
+                }
+                Ok(out)
+            }
+            FwdLog::Pg(p) => p.fwd_all(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            FwdLog::Sled(s) => s.by_id.len(),
+            FwdLog::Pg(p) => p.fwd_len().unwrap_or(0),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The Message-ID as a key: without its angle brackets.
+pub(super) fn norm_mid(mid: &str) -> String {
     mid.trim()
         .trim_start_matches('<')
         .trim_end_matches('>')
         .to_string()
 }
 
-impl FwdLog {
-    pub(super) fn open(db: &sled::Db) -> Result<FwdLog, TableError> {
-        Ok(FwdLog {
-            by_id: db.open_tree("fwdlog")?,
-            by_mid: db.open_tree("fwdlog_mid")?,
-        })
+/// Merges the destinations of an earlier record of the same copy into `rec`.
+pub(super) fn extend_dests(rec: &mut FwdRecord, old: &FwdRecord) {
+    for d in &old.dests {
+        if !rec.dests.contains(d) {
+            rec.dests.push(d.clone());
+        }
     }
+}
 
-    /// Records (or extends) the copy of `queue_id` forwarded for `alias`. Not flushed:
-    /// losing the last records in a crash only weakens correlation, never mail.
-    pub fn record(&self, rec: &FwdRecord) -> Result<(), TableError> {
+impl SledLog {
+    fn record(&self, rec: &FwdRecord) -> Result<(), TableError> {
         let key = k2(&rec.queue_id, &rec.alias);
         let mut rec = rec.clone();
         if let Some(old) = self.by_id.get(&key)?
             && let Ok(old) = serde_json::from_slice::<FwdRecord>(&old)
         {
-            for d in old.dests {
-                if !rec.dests.contains(&d) {
-                    rec.dests.push(d);
-                }
-            }
+            extend_dests(&mut rec, &old);
         }
         self.by_id
             .insert(key, serde_json::to_vec(&rec).expect("record serializes"))?;
@@ -73,21 +149,14 @@ impl FwdLog {
         })
     }
 
-    /// The copy whose ENVID (our queue id) a DSN quotes, forwarded for `alias`.
-    pub fn by_envid(&self, envid: &str, alias: &str) -> Result<Option<FwdRecord>, TableError> {
-        self.get(envid.trim(), alias)
-    }
-
-    /// The copy of the message with this Message-ID forwarded for `alias`.
-    pub fn by_message_id(&self, mid: &str, alias: &str) -> Result<Option<FwdRecord>, TableError> {
+    fn by_message_id(&self, mid: &str, alias: &str) -> Result<Option<FwdRecord>, TableError> {
         match self.by_mid.get(k2(&norm_mid(mid), alias))? {
             Some(qid) => self.get(&String::from_utf8_lossy(&qid), alias),
             None => Ok(None),
         }
     }
 
-    /// Drops records older than `cutoff` (unix seconds); returns how many.
-    pub fn expire(&self, cutoff: i64) -> Result<usize, TableError> {
+    fn expire(&self, cutoff: i64) -> Result<usize, TableError> {
         let mut n = 0;
         // Queue ids start with their arrival time, so the oldest come first.
         for kv in self.by_id.iter() {
@@ -107,14 +176,6 @@ impl FwdLog {
             n += 1;
         }
         Ok(n)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
     }
 }
 

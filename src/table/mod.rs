@@ -1,27 +1,37 @@
 //! The forwarding table: aliases → destinations and bounce policy, local domains.
 //!
-//! The only code that touches sled. Keys are `domain \0 local` (lowercase), so one
-//! prefix seek answers "is this domain ours?" and lists a domain's aliases in order;
-//! a catch-all `@domain` is the key with an empty local part. Every change is flushed
-//! to disk before it returns, so an acknowledged admin command survives a crash.
-//! sled takes an exclusive lock on its files: a second opener gets
-//! [`TableError::Locked`], which is how a second daemon is refused.
+//! One interface over two stores (`store`): the embedded sled store (the default,
+//! one node) and PostgreSQL (`pg`, shared by a fleet). Nothing above this module
+//! knows which one is in use. Keys are `domain \0 local` (lowercase); a catch-all
+//! `@domain` is the key with an empty local part. Every change is durable (sled
+//! flushed, PostgreSQL committed) before it returns, so an acknowledged admin command
+//! survives a crash. The node's own sled database stays open under either store: it
+//! holds node-local state (outbound TLS) and its exclusive lock is how a second
+//! daemon on the same data dir is refused ([`TableError::Locked`]).
+//!
+//! RCPT is answered from the node's in-memory [`view::View`] where it can be (the
+//! local domains; for PostgreSQL also recent lookups, invalidated on every change by
+//! any node); a store that cannot answer is an error — temporary — never "unknown".
 //!
 //! What bounces report about destinations (their health) lives in a tree of its own,
 //! at most [`MAX_HEALTH`] destinations per alias, so neither a bounce storm nor its
 //! updates can grow or slow the entry every RCPT reads.
 
+pub mod copy;
 pub mod fwdlog;
 pub mod import;
+pub mod pg;
+pub mod store;
 pub mod tls;
+pub mod view;
 
 use crate::config::{BouncePolicy, SpamPolicy};
 use crate::smtp::address::{Mailbox, check_alias};
-use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use store::{SledStore, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -35,6 +45,9 @@ pub enum TableError {
     Exists(String),
     #[error("{0}")]
     Invalid(String),
+    /// The shared table's database did not answer (in time): temporary.
+    #[error("table database unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Destinations whose health is kept per alias; the least recently reported one
@@ -237,25 +250,14 @@ pub fn parse_dest(s: &str) -> Result<Mailbox, TableError> {
 
 #[derive(Clone)]
 pub struct Table {
+    /// The node's own sled database (node-local state, the data dir's lock).
     db: sled::Db,
-    aliases: sled::Tree,
-    domains: sled::Tree,
-    /// alias key → its destinations' health (JSON list, at most MAX_HEALTH).
-    health: sled::Tree,
+    store: Store,
     separator: Option<char>,
     max_depth: usize,
-    /// Local domains → "has a catch-all", kept in memory: every RCPT asks, the set is
-    /// small, and it changes only through this Table (sled's lock keeps other
-    /// processes out). Dropped on every change and rebuilt on the next read.
-    local: Arc<RwLock<DomainCache>>,
-}
-
-/// The in-memory set of local domains; `generation` counts changes, so a rebuild
-/// that raced with a change is not kept.
-#[derive(Default)]
-struct DomainCache {
-    generation: u64,
-    domains: Option<Arc<HashMap<String, bool>>>,
+    /// What RCPT reads from memory: local domains (every RCPT asks, the set is
+    /// small) and, for a shared store, recent lookups. Dropped on every change.
+    view: Arc<view::View>,
 }
 
 /// The outcome of an import, for the admin.
@@ -268,13 +270,89 @@ pub struct ImportReport {
 }
 
 impl Table {
+    /// The one-node table: everything in the sled database in `dir`.
     pub fn open(
         dir: &Path,
         cache_bytes: u64,
         separator: Option<char>,
         max_depth: usize,
     ) -> Result<Table, TableError> {
-        let db = sled::Config::new()
+        let db = Self::open_sled(dir, cache_bytes)?;
+        Ok(Table {
+            store: Store::Sled(SledStore::open(&db)?),
+            db,
+            separator,
+            max_depth,
+            view: Arc::new(view::View::local()),
+        })
+    }
+
+    /// A fleet's table: aliases, domains, health and the correlation log in
+    /// PostgreSQL; node-local state in the sled database in `dir`. The change feed
+    /// starts here (it migrates the schema once the database answers).
+    pub fn open_postgres(
+        dir: &Path,
+        cache_bytes: u64,
+        separator: Option<char>,
+        max_depth: usize,
+        cfg: &crate::config::TableConfig,
+    ) -> Result<Table, TableError> {
+        let db = Self::open_sled(dir, cache_bytes)?;
+        Self::postgres_on(db, separator, max_depth, cfg)
+    }
+
+    /// A PostgreSQL table beside an already open node database (`table copy` opens
+    /// both stores of one data dir; sled's lock allows one opener).
+    pub fn postgres_on(
+        db: sled::Db,
+        separator: Option<char>,
+        max_depth: usize,
+        cfg: &crate::config::TableConfig,
+    ) -> Result<Table, TableError> {
+        let pg = pg::PgStore::open(cfg)?;
+        let view = Arc::new(view::View::shared(cfg.view_entries, cfg.view_grace));
+        pg.start_feed(view.clone());
+        Ok(Table {
+            store: Store::Pg(pg),
+            db,
+            separator,
+            max_depth,
+            view,
+        })
+    }
+
+    /// The PostgreSQL store, when that is the backend.
+    pub fn postgres(&self) -> Option<&pg::PgStore> {
+        match &self.store {
+            Store::Pg(p) => Some(p),
+            Store::Sled(_) => None,
+        }
+    }
+
+    /// Which store holds the table ("sled" or "postgres").
+    pub fn backend(&self) -> &'static str {
+        match &self.store {
+            Store::Sled(_) => "sled",
+            Store::Pg(_) => "postgres",
+        }
+    }
+
+    /// The node's view of the table (freshness, size).
+    pub fn view(&self) -> &view::View {
+        &self.view
+    }
+
+    /// The node's own sled database.
+    pub fn node_db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, TableError> {
+        sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::LowSpace)
@@ -287,16 +365,7 @@ impl Table {
                     TableError::Locked(dir.display().to_string())
                 }
                 e => TableError::Storage(e),
-            })?;
-        Ok(Table {
-            aliases: db.open_tree("aliases")?,
-            domains: db.open_tree("domains")?,
-            health: db.open_tree("health")?,
-            db,
-            separator,
-            max_depth,
-            local: Arc::new(RwLock::new(DomainCache::default())),
-        })
+            })
     }
 
     /// The outbound TLS state: MTA-STS policies and TLS-RPT counts (own trees).
@@ -306,7 +375,10 @@ impl Table {
 
     /// The correlation log of forwarded copies (same database, own trees).
     pub fn fwdlog(&self) -> Result<fwdlog::FwdLog, TableError> {
-        fwdlog::FwdLog::open(&self.db)
+        match &self.store {
+            Store::Sled(_) => fwdlog::FwdLog::open(&self.db),
+            Store::Pg(p) => Ok(fwdlog::FwdLog::Pg(p.clone())),
+        }
     }
 
     /// Records what one correlated bounce said about destinations of an alias, in one
@@ -316,85 +388,71 @@ impl Table {
     pub fn record_health(&self, alias: &str, updates: &[DestHealth]) -> Result<(), TableError> {
         let name = AliasName::parse(alias)?;
         let key = name.key();
-        if !self.aliases.contains_key(&key)? {
+        if self.store.get(&key)?.is_none() {
             return Err(TableError::NotFound(name.to_string()));
         }
-        loop {
-            let old = self.health.get(&key)?;
-            let mut list = old
-                .as_ref()
-                .and_then(|v| serde_json::from_slice::<Vec<DestHealth>>(v).ok())
-                .unwrap_or_default();
-            merge_health(&mut list, updates);
-            let new = serde_json::to_vec(&list).expect("health serializes");
-            if self.health.compare_and_swap(&key, old, Some(new))?.is_ok() {
-                return Ok(());
-            }
-        }
+        self.store
+            .health_update(&key, &|list| merge_health(list, updates))
     }
 
     /// The destinations' health of an alias, by destination.
     pub fn health(&self, alias: &str) -> Result<Vec<DestHealth>, TableError> {
         let name = AliasName::parse(alias)?;
-        Ok(match self.health.get(name.key())? {
-            Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
-            None => Vec::new(),
-        })
+        self.store.health(&name.key())
     }
 
     /// Every alias's health (few aliases have any), for listings.
     pub fn all_health(&self) -> Result<HashMap<String, Vec<DestHealth>>, TableError> {
-        let mut out = HashMap::new();
-        for kv in self.health.iter() {
-            let (k, v) = kv?;
-            out.insert(name_of(&k), serde_json::from_slice(&v).unwrap_or_default());
-        }
-        Ok(out)
+        Ok(self
+            .store
+            .all_health()?
+            .into_iter()
+            .map(|(k, h)| (name_of(&k), h))
+            .collect())
     }
 
     /// Makes a change durable (and visible to the in-memory domain set, rebuilt here
     /// on the admin's thread so the scan does not land on the next RCPT).
     pub fn flush(&self) -> Result<(), TableError> {
-        self.changed();
-        self.db.flush()?;
+        self.view.invalidate_all();
+        self.store.flush()?;
         self.local_domains()?;
         Ok(())
     }
 
+    /// After a change of `key` here: durable, and this node's view forgets it at
+    /// once (other nodes hear of it through the store's change feed).
+    fn changed(&self, key: &[u8], membership: bool) -> Result<(), TableError> {
+        self.view.invalidate(key, membership);
+        self.store.flush()?;
+        if membership {
+            // Rebuilt on the admin's thread, so the scan does not land on a RCPT.
+            self.local_domains()?;
+        }
+        Ok(())
+    }
+
+    /// One alias entry, from the view when it knows, else from the store.
     fn get_raw(&self, domain: &str, local: &str) -> Result<Option<AliasEntry>, TableError> {
-        Ok(match self.aliases.get(key(domain, local))? {
-            Some(v) => Some(decode(&v)?),
-            None => None,
-        })
+        let k = key(domain, local);
+        if let Some(hit) = self.view.entry(&k) {
+            return Ok(hit);
+        }
+        let generation = self.view.generation();
+        let found = self.store.get(&k)?;
+        self.view.put_entry(generation, &k, found.clone());
+        Ok(found)
     }
 
     /// Local domains with their catch-all flag, from memory (rebuilt after changes).
     fn local_domains(&self) -> Result<Arc<HashMap<String, bool>>, TableError> {
-        let generation = {
-            let c = self.local.read();
-            if let Some(m) = &c.domains {
-                return Ok(m.clone());
-            }
-            c.generation
-        };
-        let mut m = HashMap::new();
-        for d in self.domains()? {
-            let catch_all = self.aliases.contains_key(key(&d, ""))?;
-            m.insert(d, catch_all);
+        if let Some(m) = self.view.domains() {
+            return Ok(m);
         }
-        let m = Arc::new(m);
-        let mut c = self.local.write();
-        if c.generation == generation {
-            c.domains = Some(m.clone());
-        }
+        let generation = self.view.generation();
+        let m = Arc::new(self.store.local_domains()?);
+        self.view.put_domains(generation, m.clone());
         Ok(m)
-    }
-
-    /// Forgets the in-memory domain set after a change.
-    fn changed(&self) {
-        let mut c = self.local.write();
-        c.generation += 1;
-        c.domains = None;
     }
 
     /// Is `domain` (any case) one of ours?
@@ -556,7 +614,7 @@ impl Table {
     ) -> Result<AliasEntry, TableError> {
         let name = AliasName::parse(alias)?;
         let dests = Self::normalize_dests(dests)?;
-        if self.aliases.contains_key(name.key())? {
+        if self.store.get(&name.key())?.is_some() {
             return Err(TableError::Exists(name.to_string()));
         }
         self.check_dests(&name, &dests, &BTreeMap::new())?;
@@ -570,11 +628,11 @@ impl Table {
             spam: None,
             state: AliasState::Active,
         };
-        // compare_and_swap makes "add" refuse a concurrent add of the same alias.
-        self.aliases
-            .compare_and_swap(name.key(), None as Option<&[u8]>, Some(encode(&entry)))?
-            .map_err(|_| TableError::Exists(name.to_string()))?;
-        self.flush()?;
+        // Insert-if-absent makes "add" refuse a concurrent add of the same alias.
+        if !self.store.insert_new(&name.key(), &entry)? {
+            return Err(TableError::Exists(name.to_string()));
+        }
+        self.changed(&name.key(), true)?;
         Ok(entry)
     }
 
@@ -586,7 +644,8 @@ impl Table {
     ) -> Result<AliasEntry, TableError> {
         let name = AliasName::parse(alias)?;
         let mut entry = self
-            .get_raw(&name.domain, &name.local)?
+            .store
+            .get(&name.key())?
             .ok_or_else(|| TableError::NotFound(name.to_string()))?;
         let before = entry.dests.clone();
         change(&mut entry);
@@ -595,72 +654,55 @@ impl Table {
             self.check_dests(&name, &entry.dests, &BTreeMap::new())?;
         }
         entry.updated = crate::time::unix_now();
-        self.aliases.insert(name.key(), encode(&entry))?;
-        self.flush()?;
+        self.store.put(&name.key(), &entry)?;
+        self.changed(&name.key(), false)?;
         Ok(entry)
     }
 
     pub fn remove(&self, alias: &str) -> Result<(), TableError> {
         let name = AliasName::parse(alias)?;
-        if self.aliases.remove(name.key())?.is_none() {
+        if !self.store.remove(&name.key())? {
             return Err(TableError::NotFound(name.to_string()));
         }
-        self.health.remove(name.key())?;
-        self.flush()?;
+        self.changed(&name.key(), true)?;
         Ok(())
     }
 
     /// All aliases, or those of one domain, in key order.
     pub fn list(&self, domain: Option<&str>) -> Result<Vec<(String, AliasEntry)>, TableError> {
-        let iter = match domain {
-            Some(d) => self.aliases.scan_prefix(key(&d.to_lowercase(), "")),
-            None => self.aliases.iter(),
-        };
-        let mut out = Vec::new();
-        for kv in iter {
-            let (k, v) = kv?;
-            out.push((name_of(&k), decode(&v)?));
-        }
-        Ok(out)
+        let d = domain.map(str::to_lowercase);
+        Ok(self
+            .store
+            .list(d.as_deref())?
+            .into_iter()
+            .map(|(k, e)| (name_of(&k), e))
+            .collect())
     }
 
+    /// How many aliases the table holds (0 when the store cannot say).
     pub fn count(&self) -> usize {
-        self.aliases.len()
+        self.store.count().unwrap_or(0)
     }
 
     pub fn add_domain(&self, domain: &str) -> Result<(), TableError> {
         let d = AliasName::parse(&format!("@{domain}"))?.domain;
-        self.domains.insert(d.as_bytes(), &[])?;
-        self.flush()
+        self.store.add_domain(&d)?;
+        self.changed(&key(&d, ""), true)
     }
 
     pub fn remove_domain(&self, domain: &str) -> Result<(), TableError> {
         let d = domain.to_lowercase();
-        if self.domains.remove(d.as_bytes())?.is_none() {
+        if !self.store.remove_domain(&d)? {
             return Err(TableError::NotFound(format!(
                 "domain {d} (added with `domain add`)"
             )));
         }
-        self.flush()
+        self.changed(&key(&d, ""), true)
     }
 
     /// Local domains: added explicitly, or holding at least one alias.
     pub fn domains(&self) -> Result<Vec<String>, TableError> {
-        let mut set = std::collections::BTreeSet::new();
-        for kv in self.domains.iter() {
-            let (k, _) = kv?;
-            set.insert(String::from_utf8_lossy(&k).into_owned());
-        }
-        // Walk aliases domain by domain: every key of domain `d` sorts below `d\x01`,
-        // so one range seek skips the whole domain instead of reading all its aliases.
-        let mut next = self.aliases.first()?;
-        while let Some((k, _)) = next {
-            let mut bound = k.split(|&b| b == 0).next().unwrap_or(&[]).to_vec();
-            set.insert(String::from_utf8_lossy(&bound).into_owned());
-            bound.push(1);
-            next = self.aliases.range(bound..).next().transpose()?;
-        }
-        Ok(set.into_iter().collect())
+        self.store.domains()
     }
 
     /// Imports parsed entries atomically: either all valid entries are written in one
@@ -682,26 +724,31 @@ impl Table {
         let now = crate::time::unix_now();
         let mut pending: BTreeMap<Vec<u8>, AliasEntry> = BTreeMap::new();
         let mut names = Vec::new();
+        let mut checked = Vec::with_capacity(parsed.entries.len());
         for e in &parsed.entries {
-            let checked =
-                AliasName::parse(&e.alias).and_then(|n| Ok((n, Self::normalize_dests(&e.dests)?)));
-            match checked {
-                Ok((name, dests)) => {
-                    let old = self.get_raw(&name.domain, &name.local)?;
-                    let entry = AliasEntry {
-                        dests,
-                        bounce: old.as_ref().map_or(bounce, |o| o.bounce),
-                        created: old.as_ref().map_or(now, |o| o.created),
-                        updated: now,
-                        dmarc_preflight: old.as_ref().and_then(|o| o.dmarc_preflight.clone()),
-                        spam: old.as_ref().and_then(|o| o.spam),
-                        state: old.as_ref().map_or(AliasState::Active, |o| o.state),
-                    };
-                    pending.insert(name.key(), entry);
-                    names.push((name, e.line));
-                }
+            match AliasName::parse(&e.alias).and_then(|n| Ok((n, Self::normalize_dests(&e.dests)?)))
+            {
+                Ok(ok) => checked.push((ok, e.line)),
                 Err(err) => report.bad.push((e.line, err.to_string())),
             }
+        }
+        // The entries being replaced, in one read: their bounce policy, creation time
+        // and settings are kept.
+        let keys: Vec<Vec<u8>> = checked.iter().map(|((n, _), _)| n.key()).collect();
+        let existing = self.store.get_many(&keys)?;
+        for ((name, dests), line) in checked {
+            let old = existing.get(&name.key());
+            let entry = AliasEntry {
+                dests,
+                bounce: old.map_or(bounce, |o| o.bounce),
+                created: old.map_or(now, |o| o.created),
+                updated: now,
+                dmarc_preflight: old.and_then(|o| o.dmarc_preflight.clone()),
+                spam: old.and_then(|o| o.spam),
+                state: old.map_or(AliasState::Active, |o| o.state),
+            };
+            pending.insert(name.key(), entry);
+            names.push((name, line));
         }
         let mut domain_names = Vec::new();
         for (d, line) in &parsed.domains {
@@ -724,23 +771,13 @@ impl Table {
         if !report.bad.is_empty() && !skip_bad {
             return Ok(report);
         }
-        let mut batch = sled::Batch::default();
-        for (k, entry) in &pending {
-            if invalid.contains(k) {
-                continue;
-            }
-            if self.aliases.contains_key(k)? {
-                report.replaced += 1;
-            } else {
-                report.added += 1;
-            }
-            batch.insert(k.as_slice(), encode(entry));
-        }
-        self.aliases.apply_batch(batch)?;
-        for d in domain_names {
-            self.domains.insert(d.as_bytes(), &[])?;
-            report.domains += 1;
-        }
+        let batch: Vec<(Vec<u8>, AliasEntry)> = pending
+            .into_iter()
+            .filter(|(k, _)| !invalid.contains(k))
+            .collect();
+        report.replaced = self.store.write_batch(&batch, &domain_names)?;
+        report.added = batch.len() - report.replaced;
+        report.domains = domain_names.len();
         self.flush()?;
         Ok(report)
     }
@@ -980,7 +1017,10 @@ mod tests {
         assert_eq!((d39.count, d39.at), (2, 100));
         assert!(got.iter().all(|g| g.diagnostic.len() <= MAX_DIAGNOSTIC));
         // The alias entry every RCPT reads does not grow with health.
-        let raw = t.aliases.get(key("x.test", "h")).unwrap().unwrap();
+        let Store::Sled(sled) = t.store() else {
+            unreachable!()
+        };
+        let raw = sled.aliases.get(key("x.test", "h")).unwrap().unwrap();
         assert!(raw.len() < 200, "{}", raw.len());
         assert!(
             t.record_health("nobody@x.test", &[h("a@dest.test", 1)])

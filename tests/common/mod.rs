@@ -9,6 +9,7 @@
 //! - [`daemon`]: runs the real `tenso` binary with a temporary data directory;
 //! - [`postfix_sink`]: Postfix's `smtp-sink` as an independent peer.
 //! - [`rspamd`]: a private rspamd (Debian package) with its own ports and dirs.
+//! - [`postgres`]: a private PostgreSQL 15 cluster (Debian package) on a loopback port.
 //!
 //! Every server binds 127.0.0.1 on an ephemeral port, every wait is bounded by a
 //! timeout, and everything is stopped when its handle is dropped.
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod dns;
 pub mod dnssec;
 pub mod postfix_sink;
+pub mod postgres;
 pub mod rspamd;
 pub mod sink;
 pub mod smtp_client;

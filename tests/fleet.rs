@@ -1,0 +1,238 @@
+//! A fleet (issue 16): several tenso nodes on one PostgreSQL table. Two real daemons
+//! share a private PostgreSQL 15 cluster; the admin CLI of one node changes the table
+//! and the other node's RCPT answers follow (within a second: the change feed is
+//! LISTEN/NOTIFY); the database going away makes RCPT answer 451, never 550, and the
+//! node recovers without a restart; a DSN arriving at node B is correlated with the
+//! copy node A forwarded. Also `tenso table copy` sled → postgres → sled without
+//! losing a field, and `tenso table migrate`.
+//!
+//! One cluster per test (initdb takes a second or two); every wait has a deadline.
+
+mod bounce_support;
+mod common;
+
+use bounce_support::*;
+use common::daemon::Tenso;
+use common::postgres::PgCluster;
+use common::sink::TestSink;
+use common::smtp_client::RawSmtp;
+use std::time::{Duration, Instant};
+
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+/// The `[table]` section of a node on `url`, password from a file in `dir`.
+fn table_section(url: &str, dir: &std::path::Path, extra: &str) -> String {
+    let pw = dir.join("tenso.pw");
+    std::fs::write(&pw, "fleet-secret\n").unwrap();
+    format!(
+        "[table]\nbackend = \"postgres\"\nurl = \"{url}\"\npassword_file = \"{}\"\n\
+         connect_timeout = \"2s\"\nquery_timeout = \"3s\"\n{extra}\n",
+        pw.display()
+    )
+}
+
+/// The reply code to `RCPT TO:<rcpt>` on a fresh session.
+async fn rcpt_code(t: &Tenso, rcpt: &str) -> (u16, String) {
+    let mut c = RawSmtp::connect(t.smtp_addr()).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<sender@origin.test>", 250).await;
+    let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+    c.quit().await;
+    r
+}
+
+/// Polls RCPT until it gets `code`; returns how long that took, or panics after `limit`.
+async fn wait_rcpt(t: &Tenso, rcpt: &str, code: u16, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (got, text) = rcpt_code(t, rcpt).await;
+        if got == code {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "RCPT {rcpt}: waited {limit:?} for {code}, last {got} {text}\nlog:\n{}",
+            t.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_table_and_survive_the_database_going_away() {
+    let mut pg = PgCluster::start();
+    let url = pg.create_db("tenso", "fleet-secret");
+    let dns = dns().await;
+    let sink = TestSink::builder().dsn(true).start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = table_section(&url, dir.path(), "view_grace = \"2s\"\nview_check = \"1s\"");
+    let a = Tenso::start(&config(&dns, sink.port(), &table)).await;
+    let b = Tenso::start(&config(&dns, sink.port(), &table)).await;
+
+    // Nothing in the config or the logs gives the password away.
+    assert!(
+        !a.cli_ok(&["config", "check"])
+            .await
+            .contains("fleet-secret")
+    );
+
+    // Added on A: B answers 250 within a second (its view heard the change).
+    add_alias(&a, "anna@alias.test", &["anna@dest.test"], "pool").await;
+    let took = wait_rcpt(&b, "anna@alias.test", 250, PROPAGATION).await;
+    eprintln!("user add on A -> 250 on B after {took:?}");
+    // B remembers an unknown user too: warm its view with the negative answer first.
+    assert_eq!(rcpt_code(&b, "later@alias.test").await.0, 550);
+    add_alias(&a, "later@alias.test", &["later@dest.test"], "pool").await;
+    wait_rcpt(&b, "later@alias.test", 250, PROPAGATION).await;
+    // Removed on B: A answers 550 within a second.
+    assert_eq!(rcpt_code(&a, "later@alias.test").await.0, 250);
+    b.cli_ok(&["user", "remove", "later@alias.test"]).await;
+    let took = wait_rcpt(&a, "later@alias.test", 550, PROPAGATION).await;
+    eprintln!("user remove on B -> 550 on A after {took:?}");
+    // Every admin command answers the same from both nodes.
+    assert_eq!(
+        a.cli_ok(&["user", "list", "--json"]).await,
+        b.cli_ok(&["user", "list", "--json"]).await
+    );
+
+    // Bounces come home to one place: A forwards, the DSN arrives at B.
+    let qid = queue_id_of(
+        &send(
+            &a,
+            "sender@origin.test",
+            &["anna@alias.test"],
+            &original("fleet-1@origin.test", "anna@alias.test", "fleet"),
+        )
+        .await,
+    );
+    wait_queue_empty(&a).await;
+    let dsn = remote_dsn(&RemoteDsn {
+        to: "anna@alias.test",
+        envid: Some(&qid),
+        final_rcpt: "anna@dest.test",
+        status: "5.2.2",
+        diagnostic: "552 5.2.2 <anna@dest.test>: mailbox full",
+        returned_headers: "From: Sender <sender@origin.test>\r\nMessage-ID: <fleet-1@origin.test>\r\n",
+        token: "fleet-dsn",
+    });
+    send(&b, "", &["anna@alias.test"], &dsn).await;
+    let pooled = wait_pool(&b, "anna@alias.test", 1).await;
+    let flag = header(&pooled[0].1, "X-Tenso-Bounce").unwrap_or_default();
+    assert!(
+        flag.starts_with("correlated;") && flag.contains(&format!("forwarded-as={qid}")),
+        "the DSN at B should correlate with A's copy: {flag:?}\nB log:\n{}",
+        b.log()
+    );
+    // The destination's health is shared: A shows what B learned.
+    let u = user_show(&a, "anna@alias.test").await;
+    assert_eq!(u["health"][0]["status"], "5.2.2", "{u}");
+
+    // The database goes away: an unknown answer is 451, never 550.
+    pg.stop();
+    let (code, text) = rcpt_code(&a, "nobody-yet@alias.test").await;
+    assert_eq!(code, 451, "{text}");
+    assert!(text.contains("4.3.0"), "{text}");
+    // Past the view's grace even a known alias waits: the node cannot know.
+    wait_rcpt(&a, "anna@alias.test", 451, Duration::from_secs(30)).await;
+    assert!(
+        a.wait_for_log("table change feed lost", Duration::from_secs(10))
+            .await
+    );
+    // Back without a restart of either node.
+    pg.start_server();
+    wait_rcpt(&a, "anna@alias.test", 250, Duration::from_secs(30)).await;
+    wait_rcpt(&b, "nobody-yet@alias.test", 550, Duration::from_secs(30)).await;
+    add_alias(&b, "after@alias.test", &["after@dest.test"], "pool").await;
+    wait_rcpt(&a, "after@alias.test", 250, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_copy_round_trip_loses_no_field() {
+    let pg = PgCluster::start();
+    let url = pg.create_db("tenso", "copy-secret");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "copy-secret\n").unwrap();
+    let table = format!(
+        "[table]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+        pw.display()
+    );
+    // A one-node installation on sled, with every kind of field set.
+    let mut one = Tenso::start(&table).await;
+    one.cli_ok(&[
+        "user",
+        "add",
+        "a@alias.test",
+        "x@dest.test",
+        "y@dest.test",
+        "--bounce",
+        "forward",
+    ])
+    .await;
+    one.cli_ok(&["user", "add", "@catch.test", "c@dest.test"])
+        .await;
+    one.cli_ok(&["user", "add", "\"sales team\"@alias.test", "a@alias.test"])
+        .await;
+    one.cli_ok(&[
+        "user",
+        "set",
+        "a@alias.test",
+        "--spam",
+        "quarantine",
+        "--state",
+        "defer",
+        "--dmarc-preflight",
+        "pool",
+    ])
+    .await;
+    one.cli_ok(&["domain", "add", "empty.test"]).await;
+    let before_users = one.cli_ok(&["user", "list", "--json"]).await;
+    let before_domains = one.cli_ok(&["domain", "list", "--json"]).await;
+    one.stop().await;
+
+    let report = one
+        .cli_json(&[
+            "table", "copy", "--from", "sled", "--to", "postgres", "--json",
+        ])
+        .await;
+    assert_eq!(report["aliases"], 3, "{report}");
+    assert_eq!(report["domains"], 1, "{report}");
+
+    // The same data dir, now on postgres: the same answers.
+    let pg_cfg = std::fs::read_to_string(one.config_path())
+        .unwrap()
+        .replace("[table]\n", "[table]\nbackend = \"postgres\"\n");
+    std::fs::write(one.config_path(), &pg_cfg).unwrap();
+    one.launch().await;
+    assert_eq!(one.cli_ok(&["user", "list", "--json"]).await, before_users);
+    assert_eq!(
+        one.cli_ok(&["domain", "list", "--json"]).await,
+        before_domains
+    );
+    assert_eq!(rcpt_code(&one, "anyone@catch.test").await.0, 250);
+    // A change made on postgres, then back to a fresh sled table.
+    one.cli_ok(&["user", "add", "new@alias.test", "n@dest.test"])
+        .await;
+    let pg_users = one.cli_ok(&["user", "list", "--json"]).await;
+    one.stop().await;
+    std::fs::remove_dir_all(one.data_dir().join("table")).unwrap();
+    let back = one
+        .cli_json(&[
+            "table", "copy", "--from", "postgres", "--to", "sled", "--json",
+        ])
+        .await;
+    assert_eq!(back["aliases"], 4, "{back}");
+    std::fs::write(
+        one.config_path(),
+        pg_cfg.replace("backend = \"postgres\"\n", ""),
+    )
+    .unwrap();
+    one.launch().await;
+    assert_eq!(one.cli_ok(&["user", "list", "--json"]).await, pg_users);
+    assert_eq!(
+        one.cli_ok(&["domain", "list", "--json"]).await,
+        before_domains
+    );
+    let migrate = one.cli_ok(&["table", "migrate"]).await;
+    assert!(migrate.contains("version 2"), "{migrate}");
+}
