@@ -522,6 +522,10 @@ pub struct PoolConfig {
     /// Mail each alias a digest of waiting bounces this often (off when absent).
     #[serde(with = "humantime_serde::option")]
     pub digest: Option<Duration>,
+    /// With a shared (postgres) table: write the fleet's pool into this node's
+    /// Maildir for an IMAP server, this often (off when absent; one node of a fleet).
+    #[serde(with = "humantime_serde::option")]
+    pub maildir_export: Option<Duration>,
     /// A group that may read the pools (e.g. Dovecot's): pool directories become 0750
     /// and pooled files 0640, owned by this group, and the data dir 0710 so the group
     /// can reach `pool/` but list nothing else. Unset: everything owner-only.
@@ -534,6 +538,7 @@ impl Default for PoolConfig {
             max_messages: 1000,
             max_bytes: 50 * 1024 * 1024,
             digest: None,
+            maildir_export: None,
             group: None,
         }
     }

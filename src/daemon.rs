@@ -181,6 +181,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let status_bounce = bounce.clone();
     let status_spool = spool.clone();
     let status_delivery = delivery.clone();
+    let status_table = table.clone();
     let server = Arc::new(control_server::Server {
         cfg: cfg.clone(),
         table: table.clone(),
@@ -193,6 +194,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 "queue": status_queue.snapshot(),
                 "bounce": status_bounce.counters.snapshot(),
                 "tls": status_delivery.tls_counters.snapshot(),
+                "table": status_table.status().1,
                 "pool": {
                     "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
                     "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
@@ -236,6 +238,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
 
+    if let (Some(every), true) = (cfg.pool.maildir_export, bounce.pool.is_shared()) {
+        tokio::spawn(export_pool(bounce.pool.clone(), every));
+    }
+
     tokio::spawn(tls_housekeeping(
         delivery.clone(),
         table.clone(),
@@ -275,6 +281,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(cfg.socket_path());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The fleet's pool into this node's Maildir, for an IMAP server (`[pool]
+/// maildir_export`): one pass every `every`, trouble logged and tried again.
+async fn export_pool(pool: Arc<crate::bounce::pool::Pool>, every: std::time::Duration) {
+    loop {
+        let p = pool.clone();
+        match tokio::task::spawn_blocking(move || p.export_maildir()).await {
+            Ok(Ok(r)) if r != Default::default() => tracing::info!(
+                written = r.written,
+                removed = r.removed_files,
+                deleted_by_reader = r.deleted_by_reader,
+                "pool exported to the Maildir"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "pool export to the Maildir failed"),
+            Err(e) => tracing::warn!(error = %e, "pool export task failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Hourly: the TLS reports of past days go out (RFC 8460 §5.1: daily aggregates),

@@ -91,13 +91,18 @@ impl Bounce {
         spool: Spool,
         signer: Option<Arc<crate::signing::Signer>>,
     ) -> Bounce {
-        let pool = Arc::new(pool::Pool::new(
+        let pool = pool::Pool::new(
             cfg.pool_dir(),
             cfg.pool_modes(),
             &cfg.hostname,
             cfg.pool.max_messages,
             cfg.pool.max_bytes,
-        ));
+        );
+        // A fleet has one pool, where its table is.
+        let pool = Arc::new(match table.postgres() {
+            Some(pg) => pool.shared(pg.clone()),
+            None => pool,
+        });
         Bounce {
             cfg,
             table,
@@ -364,9 +369,28 @@ impl Bounce {
         }
     }
 
+    /// A fleet's pool is one: only one node sends each round of digests (the one
+    /// that claims the round in the database); a single node always does.
+    async fn claim_digest(&self) -> bool {
+        let (Some(pg), Some(every)) = (self.table.postgres().cloned(), self.cfg.pool.digest) else {
+            return true;
+        };
+        let now = crate::time::unix_now();
+        // A little slack, so that the node whose timer fires first takes the round.
+        let every = (every.as_secs() as i64 * 9 / 10).max(1);
+        tokio::task::spawn_blocking(move || pg.claim_job("pool_digest", now, every))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false)
+    }
+
     /// Builds one digest per alias with unread pooled bounces and queues it to the
     /// alias's destinations with `MAIL FROM:<>` (so the digest itself cannot loop).
     pub async fn digests(&self) -> Vec<Queued> {
+        if !self.claim_digest().await {
+            return Vec::new();
+        }
         let pool = self.pool.clone();
         let entries = tokio::task::spawn_blocking(move || pool.list(None))
             .await

@@ -10,8 +10,19 @@
 //! (`[pool] group`). Per-alias limits (count, bytes) expire the oldest entries; every
 //! expiry is logged and counted, never silent. Blocking file I/O: call it from the
 //! blocking pool. Touches nothing outside the pool directory.
+//!
+//! A fleet (`[table] backend = "postgres"`) has one pool for all its nodes: pooled
+//! messages are rows of the shared database (committed before `deliver` returns, the
+//! same limits applied in the same transaction), so `tenso pool …` works from any
+//! node. The Maildir stays available for an IMAP server on the node that exports it
+//! (`[pool] maildir_export`): [`Pool::export_maildir`] writes every pooled message it
+//! has not yet written into the Maildir, removes files whose message left the pool,
+//! and takes a message the IMAP user deleted (a file it wrote that is gone) out of the
+//! pool, and one the user read as seen.
 
 use crate::disk::{self, Modes};
+use crate::table::pg::{PgStore, PooledRow};
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +37,24 @@ pub struct Pool {
     seq: AtomicU64,
     pub stored: AtomicU64,
     pub expired: AtomicU64,
+    /// The fleet's shared pool, when the table is in PostgreSQL.
+    shared: Option<PgStore>,
+}
+
+/// What one Maildir export pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExportReport {
+    pub written: usize,
+    pub removed_files: usize,
+    pub deleted_by_reader: usize,
+}
+
+fn db_err(e: crate::table::TableError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn not_found(id: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("no pooled message {id}"))
 }
 
 /// One pooled message, for listings.
@@ -70,7 +99,34 @@ impl Pool {
             seq: AtomicU64::new(0),
             stored: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            shared: None,
         }
+    }
+
+    /// Keeps the pool in the fleet's database instead of the local Maildir.
+    pub fn shared(mut self, pg: PgStore) -> Pool {
+        self.shared = Some(pg);
+        self
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// A new entry id: time, microseconds, pid, sequence and host (unique across the
+    /// nodes of a fleet), in Maildir's unique-name form.
+    fn new_id(&self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{}.M{:06}P{}Q{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed),
+            self.hostname
+        )
     }
 
     pub fn alias_dir(&self, alias: &str) -> PathBuf {
@@ -79,21 +135,55 @@ impl Pool {
 
     /// Stores `msg` in the alias's Maildir, durably. Returns the new entry's id.
     pub fn deliver(&self, alias: &str, msg: &[u8]) -> io::Result<String> {
-        let dir = self.alias_dir(alias);
+        let id = self.new_id();
+        if let Some(pg) = &self.shared {
+            return self.deliver_shared(pg, alias, &id, msg);
+        }
+        self.write_maildir(&dir_name(alias), &id, msg)?;
+        self.stored.fetch_add(1, Ordering::Relaxed);
+        self.enforce_limits(alias)?;
+        Ok(id)
+    }
+
+    fn deliver_shared(
+        &self,
+        pg: &PgStore,
+        alias: &str,
+        id: &str,
+        msg: &[u8],
+    ) -> io::Result<String> {
+        let row = PooledRow {
+            id: id.to_string(),
+            alias: dir_name(alias),
+            time: crate::time::unix_now(),
+            size: msg.len() as u64,
+            seen: false,
+            exported_by: None,
+        };
+        let expired = pg
+            .pool_put(row, msg.to_vec(), self.max_messages, self.max_bytes)
+            .map_err(db_err)?;
+        self.stored.fetch_add(1, Ordering::Relaxed);
+        for (old, size) in expired {
+            self.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                alias,
+                pool_id = %old,
+                size,
+                max_messages = self.max_messages,
+                max_bytes = self.max_bytes,
+                "pool full: oldest bounce expired"
+            );
+        }
+        Ok(id.to_string())
+    }
+
+    /// Writes one message into the Maildir of pool `name` by the delivery protocol.
+    fn write_maildir(&self, name_of_pool: &str, id: &str, msg: &[u8]) -> io::Result<()> {
+        let dir = self.root.join(name_of_pool);
         for sub in ["tmp", "new", "cur"] {
             disk::create_dir_durable(&dir.join(sub), self.modes)?;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let id = format!(
-            "{}.M{:06}P{}Q{}.{}",
-            now.as_secs(),
-            now.subsec_micros(),
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed),
-            self.hostname
-        );
         let name = format!("{id},S={}", msg.len());
         let tmp = dir.join("tmp").join(&name);
         let written = disk::create_file(&tmp, self.modes, false).and_then(|mut f| {
@@ -112,9 +202,7 @@ impl Pool {
             let _ = fs::remove_file(dir.join("new").join(&name));
             return Err(e);
         }
-        self.stored.fetch_add(1, Ordering::Relaxed);
-        self.enforce_limits(alias)?;
-        Ok(id)
+        Ok(())
     }
 
     fn entries_of(&self, alias_dir: &Path, alias: &str, out: &mut Vec<Entry>) {
@@ -148,8 +236,28 @@ impl Pool {
         }
     }
 
-    /// Pooled messages of one alias (or all), oldest first.
+    /// Pooled messages of one alias (or all), oldest first; a shared pool whose
+    /// database does not answer is an error.
+    pub fn try_list(&self, alias: Option<&str>) -> io::Result<Vec<Entry>> {
+        let Some(pg) = &self.shared else {
+            return Ok(self.maildir_list(alias));
+        };
+        let rows = pg
+            .pool_list(alias.map(dir_name).as_deref())
+            .map_err(db_err)?;
+        Ok(rows.into_iter().map(entry_of_row).collect())
+    }
+
+    /// [`Pool::try_list`] where an unreachable shared pool lists nothing (logged).
     pub fn list(&self, alias: Option<&str>) -> Vec<Entry> {
+        self.try_list(alias).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the shared pool");
+            Vec::new()
+        })
+    }
+
+    /// The local Maildir's messages of one alias (or all), oldest first.
+    fn maildir_list(&self, alias: Option<&str>) -> Vec<Entry> {
         let mut out = Vec::new();
         match alias {
             Some(a) => self.entries_of(&self.alias_dir(a), &dir_name(a), &mut out),
@@ -175,17 +283,28 @@ impl Pool {
     }
 
     pub fn read(&self, id: &str) -> io::Result<(Entry, Vec<u8>)> {
-        let e = self.find(id).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("no pooled message {id}"))
-        })?;
+        if let Some(pg) = &self.shared {
+            let (row, body) = pg
+                .pool_read(id)
+                .map_err(db_err)?
+                .ok_or_else(|| not_found(id))?;
+            return Ok((entry_of_row(row), body));
+        }
+        let e = self.find(id).ok_or_else(|| not_found(id))?;
         let bytes = fs::read(&e.path)?;
         Ok((e, bytes))
     }
 
     pub fn remove(&self, id: &str) -> io::Result<Entry> {
-        let e = self.find(id).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("no pooled message {id}"))
-        })?;
+        if let Some(pg) = &self.shared {
+            let gone = pg.pool_remove(&[id.to_string()]).map_err(db_err)?;
+            return gone
+                .into_iter()
+                .next()
+                .map(entry_of_row)
+                .ok_or_else(|| not_found(id));
+        }
+        let e = self.find(id).ok_or_else(|| not_found(id))?;
         fs::remove_file(&e.path)?;
         Ok(e)
     }
@@ -193,18 +312,71 @@ impl Pool {
     /// Removes entries older than `age_secs` (all when None); returns how many.
     pub fn purge(&self, alias: Option<&str>, age_secs: Option<i64>) -> io::Result<usize> {
         let now = crate::time::unix_now();
-        let mut n = 0;
-        for e in self.list(alias) {
-            if age_secs.is_none_or(|a| now - e.time >= a) {
-                fs::remove_file(&e.path)?;
-                n += 1;
+        let old: Vec<Entry> = self
+            .try_list(alias)?
+            .into_iter()
+            .filter(|e| age_secs.is_none_or(|a| now - e.time >= a))
+            .collect();
+        if let Some(pg) = &self.shared {
+            let ids: Vec<String> = old.into_iter().map(|e| e.id).collect();
+            return Ok(pg.pool_remove(&ids).map_err(db_err)?.len());
+        }
+        for e in &old {
+            fs::remove_file(&e.path)?;
+        }
+        Ok(old.len())
+    }
+
+    /// One pass of the Maildir export of a shared pool (see the module docs); the
+    /// pool's database rows are the truth, the Maildir its copy for IMAP readers.
+    pub fn export_maildir(&self) -> io::Result<ExportReport> {
+        let Some(pg) = &self.shared else {
+            return Ok(ExportReport::default());
+        };
+        let rows = pg.pool_list(None).map_err(db_err)?;
+        let local: HashMap<String, Entry> = self
+            .maildir_list(None)
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let mut report = ExportReport::default();
+        let mut in_pool = HashSet::new();
+        for row in rows {
+            in_pool.insert(row.id.clone());
+            let mine = row.exported_by.as_deref() == Some(self.hostname.as_str());
+            match local.get(&row.id) {
+                Some(file) if file.seen && !row.seen => pg
+                    .pool_mark(&row.id, &self.hostname, true)
+                    .map_err(db_err)?,
+                Some(_) => {}
+                None if mine => {
+                    // Written here before and gone now: the reader deleted it.
+                    pg.pool_remove(std::slice::from_ref(&row.id))
+                        .map_err(db_err)?;
+                    report.deleted_by_reader += 1;
+                }
+                None => {
+                    let Some((row, body)) = pg.pool_read(&row.id).map_err(db_err)? else {
+                        continue;
+                    };
+                    self.write_maildir(&row.alias, &row.id, &body)?;
+                    pg.pool_mark(&row.id, &self.hostname, false)
+                        .map_err(db_err)?;
+                    report.written += 1;
+                }
             }
         }
-        Ok(n)
+        for (id, file) in local {
+            if !in_pool.contains(&id) {
+                fs::remove_file(&file.path)?;
+                report.removed_files += 1;
+            }
+        }
+        Ok(report)
     }
 
     fn enforce_limits(&self, alias: &str) -> io::Result<()> {
-        let entries = self.list(Some(alias));
+        let entries = self.maildir_list(Some(alias));
         let mut count = entries.len();
         let mut bytes: u64 = entries.iter().map(|e| e.size).sum();
         for e in &entries {
@@ -225,6 +397,17 @@ impl Pool {
             );
         }
         Ok(())
+    }
+}
+
+fn entry_of_row(r: PooledRow) -> Entry {
+    Entry {
+        id: r.id,
+        alias: r.alias,
+        size: r.size,
+        time: r.time,
+        seen: r.seen,
+        path: PathBuf::new(),
     }
 }
 

@@ -643,6 +643,10 @@ pub async fn send(cfg: &Config, req: Request) -> anyhow::Result<Response> {
         cfg.pool.max_messages,
         cfg.pool.max_bytes,
     );
+    let pool = match table.postgres() {
+        Some(pg) => pool.shared(pg.clone()),
+        None => pool,
+    };
     let ctx = control::Ctx {
         cfg,
         table: &table,

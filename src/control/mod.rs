@@ -408,7 +408,10 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
         Request::QueueHold { id } => set_held(ctx, &id, true).await,
         Request::QueueRelease { id } => set_held(ctx, &id, false).await,
         Request::PoolList { alias } => {
-            let list = ctx.pool.list(alias.as_deref());
+            let list = ctx
+                .pool
+                .try_list(alias.as_deref())
+                .map_err(|x| x.to_string())?;
             Ok(json!(list))
         }
         Request::PoolShow { id } => {
@@ -449,6 +452,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             "aliases": t.count(),
             "domains": t.domains().map_err(e)?.len(),
             "queue": ctx.spool.list().map(|l| l.len()).unwrap_or(0),
+            "table": t.status().0,
             "counters": ctx.status.clone().unwrap_or(Value::Null),
         })),
     }

@@ -169,7 +169,7 @@ impl Session {
         self.reply(Reply::new(250, "2.1.0", "Ok"));
     }
 
-    pub(super) fn handle_rcpt(&mut self, line: &str, _to: RcptTo<String>) {
+    pub(super) async fn handle_rcpt(&mut self, line: &str, _to: RcptTo<String>) {
         if self.tx.is_none() {
             return self.reply(Reply::new(503, "5.5.1", "need MAIL before RCPT"));
         }
@@ -191,7 +191,7 @@ impl Session {
             ));
         }
         let raw = extract_path(line).unwrap_or("");
-        let reply = self.check_rcpt(raw);
+        let reply = self.check_rcpt(raw).await;
         if reply.code == 250 {
             tracing::debug!(client = %self.peer.ip(), rcpt = raw, "rcpt accepted");
         } else {
@@ -200,7 +200,7 @@ impl Session {
         self.reply(reply);
     }
 
-    fn check_rcpt(&mut self, raw: &str) -> Reply {
+    async fn check_rcpt(&mut self, raw: &str) -> Reply {
         let smtputf8 = self.tx.as_ref().is_some_and(|t| t.smtputf8);
         let counters = &self.ctx.counters;
         let relay_denied = |why: &'static str| {
@@ -229,7 +229,7 @@ impl Session {
             };
             return relay_denied(why);
         }
-        let found = match self.ctx.table.lookup_rcpt(&m) {
+        let found = match self.ctx.table.lookup_rcpt_async(&m).await {
             Ok(RcptLookup::Found(f)) => Some(f),
             Ok(RcptLookup::UnknownLocal) => None,
             Ok(RcptLookup::NotLocal) => return relay_denied("not a local domain"),

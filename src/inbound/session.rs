@@ -306,7 +306,7 @@ impl Session {
             Request::Ehlo { host } => self.handle_helo(host, true),
             Request::Helo { host } => self.handle_helo(host, false),
             Request::Mail { from } => self.handle_mail(&text, from).await,
-            Request::Rcpt { to } => self.handle_rcpt(&text, to),
+            Request::Rcpt { to } => self.handle_rcpt(&text, to).await,
             Request::Data => self.handle_data(),
             Request::Rset => {
                 self.tx = None;

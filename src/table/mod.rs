@@ -248,6 +248,10 @@ pub fn parse_dest(s: &str) -> Result<Mailbox, TableError> {
     Ok(m)
 }
 
+/// Where `resolve_by` reads entries (domain, local) and the local domains from.
+type EntrySource<'a, E> = dyn FnMut(&str, &str) -> Result<Option<AliasEntry>, E> + 'a;
+type DomainSource<'a, E> = dyn FnMut() -> Result<Arc<HashMap<String, bool>>, E> + 'a;
+
 #[derive(Clone)]
 pub struct Table {
     /// The node's own sled database (node-local state, the data dir's lock).
@@ -463,9 +467,22 @@ impl Table {
     /// Finds the entry a recipient maps to: exact, then without the subaddress, then
     /// the domain's catch-all.
     pub fn resolve(&self, rcpt: &Mailbox) -> Result<Option<Found>, TableError> {
+        self.resolve_by(rcpt, &mut |d, l| self.get_raw(d, l), &mut || {
+            self.local_domains()
+        })
+    }
+
+    /// [`Table::resolve`] over any source of entries and domains: the stores (which
+    /// may fail), or the view alone (which may not know: `E` is then "ask the store").
+    fn resolve_by<E>(
+        &self,
+        rcpt: &Mailbox,
+        get: &mut EntrySource<'_, E>,
+        domains: &mut DomainSource<'_, E>,
+    ) -> Result<Option<Found>, E> {
         let domain = rcpt.domain_lower();
         let local = rcpt.local.to_lowercase();
-        if let Some(entry) = self.get_raw(&domain, &local)? {
+        if let Some(entry) = get(&domain, &local)? {
             return Ok(Some(Found {
                 alias: alias_text(&local, &domain),
                 kind: MatchKind::Exact,
@@ -475,7 +492,7 @@ impl Table {
         if let Some(sep) = self.separator
             && let Some((base, _tag)) = local.split_once(sep)
             && !base.is_empty()
-            && let Some(entry) = self.get_raw(&domain, base)?
+            && let Some(entry) = get(&domain, base)?
         {
             return Ok(Some(Found {
                 alias: alias_text(base, &domain),
@@ -483,8 +500,8 @@ impl Table {
                 entry,
             }));
         }
-        let has_catch_all = self.local_domains()?.get(&domain).copied().unwrap_or(false);
-        if has_catch_all && let Some(entry) = self.get_raw(&domain, "")? {
+        let has_catch_all = domains()?.get(&domain).copied().unwrap_or(false);
+        if has_catch_all && let Some(entry) = get(&domain, "")? {
             return Ok(Some(Found {
                 alias: format!("@{domain}"),
                 kind: MatchKind::CatchAll,
@@ -492,6 +509,64 @@ impl Table {
             }));
         }
         Ok(None)
+    }
+
+    /// RCPT from the view alone, without I/O; None when the view does not know.
+    fn lookup_rcpt_cached(&self, rcpt: &Mailbox) -> Option<RcptLookup> {
+        let mut get = |d: &str, l: &str| self.view.entry(&key(d, l)).ok_or(());
+        let mut domains = || self.view.domains().ok_or(());
+        // A negative answer counts only when complete: every key asked was known
+        // absent (a miss anywhere is Err, and the store is asked).
+        match self.resolve_by(rcpt, &mut get, &mut domains) {
+            Ok(Some(f)) => Some(RcptLookup::Found(f)),
+            Ok(None) => Some(if domains().ok()?.contains_key(&rcpt.domain_lower()) {
+                RcptLookup::UnknownLocal
+            } else {
+                RcptLookup::NotLocal
+            }),
+            Err(()) => None,
+        }
+    }
+
+    /// [`Table::lookup_rcpt`] for async callers: the one-node store answers at once
+    /// (sled reads are memory-speed); a shared store answers from the view when it
+    /// can, and otherwise asks the database on the blocking pool, so a slow or absent
+    /// database never holds an async worker.
+    pub async fn lookup_rcpt_async(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
+        if matches!(self.store, Store::Sled(_)) {
+            return self.lookup_rcpt(rcpt);
+        }
+        if let Some(hit) = self.lookup_rcpt_cached(rcpt) {
+            return Ok(hit);
+        }
+        let (t, m) = (self.clone(), rcpt.clone());
+        tokio::task::spawn_blocking(move || t.lookup_rcpt(&m))
+            .await
+            .map_err(|e| TableError::Unavailable(format!("lookup task: {e}")))?
+    }
+
+    /// The table's state for `tenso status`: which store, whether the node hears
+    /// its changes, how much the view holds; and counters of database trouble.
+    pub fn status(&self) -> (serde_json::Value, serde_json::Value) {
+        let (unavailable, feed_lost) = match &self.store {
+            Store::Pg(p) => (
+                p.stats()
+                    .unavailable
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                p.stats()
+                    .feed_lost
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            Store::Sled(_) => (0, 0),
+        };
+        (
+            serde_json::json!({
+                "backend": self.backend(),
+                "change_feed": self.view.feed_connected(),
+                "view_entries": self.view.cached_entries(),
+            }),
+            serde_json::json!({ "unavailable": unavailable, "feed_lost": feed_lost }),
+        )
     }
 
     /// What RCPT needs in one call: the matching entry, or whether the domain is

@@ -76,6 +76,20 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (mid, alias)
     );
     "#,
+    // 3: the shared bounce pool; periodic jobs that one node of the fleet runs.
+    r#"
+    CREATE TABLE pool (
+        id text COLLATE "C" PRIMARY KEY,
+        alias text COLLATE "C" NOT NULL,
+        time bigint NOT NULL,
+        size bigint NOT NULL,
+        seen boolean NOT NULL DEFAULT false,
+        exported_by text,
+        body bytea NOT NULL
+    );
+    CREATE INDEX pool_alias ON pool (alias, time, id);
+    CREATE TABLE tenso_jobs (name text PRIMARY KEY, at bigint NOT NULL);
+    "#,
 ];
 
 /// Arbitrary, fixed: the advisory lock that serializes migrations across nodes.
@@ -974,6 +988,165 @@ impl PgStore {
                 .map_err(db)?
                 .get(0);
             Ok(n as usize)
+        })
+    }
+}
+
+/// One pooled message as stored (the body only where asked for).
+#[derive(Debug, Clone)]
+pub struct PooledRow {
+    pub id: String,
+    pub alias: String,
+    pub time: i64,
+    pub size: u64,
+    pub seen: bool,
+    pub exported_by: Option<String>,
+}
+
+fn pooled_row(r: &tokio_postgres::Row) -> PooledRow {
+    PooledRow {
+        id: r.get(0),
+        alias: r.get(1),
+        time: r.get(2),
+        size: r.get::<_, i64>(3) as u64,
+        seen: r.get(4),
+        exported_by: r.get(5),
+    }
+}
+
+const POOL_COLUMNS: &str = "id, alias, time, size, seen, exported_by";
+
+/// The shared bounce pool (see `bounce::pool`): messages in PostgreSQL, so every node
+/// stores into and serves the same pool.
+impl PgStore {
+    /// Stores one message and expires the alias's oldest beyond the limits, in one
+    /// transaction (durable when it returns). Returns the expired (id, size).
+    pub fn pool_put(
+        &self,
+        row: PooledRow,
+        body: Vec<u8>,
+        max_messages: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<(String, u64)>, TableError> {
+        let deadline = self.inner.query_timeout + Duration::from_secs(body.len() as u64 >> 20);
+        self.run_for(deadline, move |pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(db)?;
+            tx.execute(
+                "INSERT INTO pool (id, alias, time, size, body) VALUES ($1, $2, $3, $4, $5)",
+                &[&row.id, &row.alias, &row.time, &(row.size as i64), &body],
+            )
+            .await
+            .map_err(db)?;
+            let expired = tx
+                .query(
+                    "DELETE FROM pool WHERE id IN (SELECT id FROM ( \
+                     SELECT id, count(*) OVER w AS n, (sum(size) OVER w)::bigint AS bytes FROM pool \
+                     WHERE alias = $1 WINDOW w AS (ORDER BY time DESC, id DESC)) x \
+                     WHERE n > $2 OR bytes > $3) RETURNING id, size",
+                    &[
+                        &row.alias,
+                        &(max_messages as i64),
+                        &(max_bytes.min(i64::MAX as u64) as i64),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(expired
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+                .collect())
+        })
+    }
+
+    /// Pooled messages of one alias (its pool name) or all, oldest first.
+    pub fn pool_list(&self, alias: Option<&str>) -> Result<Vec<PooledRow>, TableError> {
+        let alias = alias.map(str::to_string);
+        let rows = self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            match alias {
+                Some(a) => {
+                    c.query(
+                        &format!(
+                            "SELECT {POOL_COLUMNS} FROM pool WHERE alias = $1 ORDER BY time, id"
+                        ),
+                        &[&a],
+                    )
+                    .await
+                }
+                None => {
+                    c.query(
+                        &format!("SELECT {POOL_COLUMNS} FROM pool ORDER BY time, id"),
+                        &[],
+                    )
+                    .await
+                }
+            }
+            .map_err(db)
+        })?;
+        Ok(rows.iter().map(pooled_row).collect())
+    }
+
+    pub fn pool_read(&self, id: &str) -> Result<Option<(PooledRow, Vec<u8>)>, TableError> {
+        let id = id.to_string();
+        let row = self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            c.query_opt(
+                &format!("SELECT {POOL_COLUMNS}, body FROM pool WHERE id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(db)
+        })?;
+        Ok(row.map(|r| (pooled_row(&r), r.get(6))))
+    }
+
+    /// Removes entries by id; returns those that were there.
+    pub fn pool_remove(&self, ids: &[String]) -> Result<Vec<PooledRow>, TableError> {
+        let ids = ids.to_vec();
+        let rows = self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            c.query(
+                &format!("DELETE FROM pool WHERE id = ANY($1) RETURNING {POOL_COLUMNS}"),
+                &[&ids],
+            )
+            .await
+            .map_err(db)
+        })?;
+        Ok(rows.iter().map(pooled_row).collect())
+    }
+
+    /// Marks entries exported to `node`'s Maildir (and seen there, or not).
+    pub fn pool_mark(&self, id: &str, node: &str, seen: bool) -> Result<(), TableError> {
+        let (id, node) = (id.to_string(), node.to_string());
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            c.execute(
+                "UPDATE pool SET exported_by = $2, seen = seen OR $3 WHERE id = $1",
+                &[&id, &node, &seen],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Claims the periodic job `name` for this node when it last ran at least
+    /// `every` seconds before `now` (on any node): true means "run it here".
+    pub fn claim_job(&self, name: &str, now: i64, every: i64) -> Result<bool, TableError> {
+        let name = name.to_string();
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_opt(
+                    "INSERT INTO tenso_jobs VALUES ($1, $2) ON CONFLICT (name) DO UPDATE \
+                     SET at = excluded.at WHERE tenso_jobs.at <= $2 - $3 RETURNING at",
+                    &[&name, &now, &every],
+                )
+                .await
+                .map_err(db)?;
+            Ok(row.is_some())
         })
     }
 }
