@@ -7,7 +7,16 @@
 //! - `idle`: holds 10,000 idle inbound connections (from 127.0.0.2-.41), then measures
 //!   how long a new client waits for its greeting, and the daemon's RSS.
 //!
+//! - `postgres` (issue 16): the same 1,000,000 aliases imported into a private
+//!   PostgreSQL 15 cluster (`tenso import` through COPY) and into sled, then RCPT
+//!   lookups p50/p99 cold and warm against both stores in the same run, and the time
+//!   from `tenso user add` on one table handle to the answer on another (NOTIFY).
+//!   Run explicitly: `cargo bench --bench scale -- postgres`.
+//!
 //! Figures are printed, never asserted: this machine is shared and noisy.
+
+#[path = "../tests/common/postgres.rs"]
+mod pgkit;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -228,6 +237,169 @@ fn aliases() {
     );
 }
 
+/// `count` probes over `n` aliases of the bench's shape: hits, subaddress hits, misses.
+fn probes(n: u32, count: usize) -> Vec<Mailbox> {
+    let mut rng_state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    (0..count)
+        .map(|k| {
+            let i = (next() % n as u64) as u32;
+            let addr = match k % 3 {
+                0 => format!("user{i}@alias{}.test", i % 100),
+                1 => format!("user{i}+tag@alias{}.test", i % 100),
+                _ => format!("nobody{i}@alias{}.test", i % 100),
+            };
+            Mailbox::parse(&addr).unwrap()
+        })
+        .collect()
+}
+
+/// Runs the probes through `Table::lookup_rcpt`; prints and returns p99.
+fn lookup_pass(label: &str, table: &Table, probes: &[Mailbox]) -> Duration {
+    let mut lat = Vec::with_capacity(probes.len());
+    let mut hits = 0;
+    for m in probes {
+        let t = Instant::now();
+        let r = table.lookup_rcpt(m).unwrap();
+        lat.push(t.elapsed());
+        hits += usize::from(matches!(r, tenso::table::RcptLookup::Found(_)));
+    }
+    let p99 = pct(&mut lat, 0.99);
+    println!(
+        "RCPT lookups, {label}, {} probes, {hits} hits: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+        lat.len(),
+        pct(&mut lat, 0.50).as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6,
+        pct(&mut lat, 1.0).as_secs_f64() * 1e6,
+    );
+    p99
+}
+
+fn import_with(cfg: &Path, file: &Path, label: &str) {
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "import",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "import into {label}: {:.1} s  [{}]",
+        t.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+}
+
+fn postgres() {
+    let n = 1_000_000u32;
+    let count = 200_000;
+    let pg = pgkit::PgCluster::start();
+    let url = pg.create_db("tenso", "bench-secret");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "bench-secret\n").unwrap();
+    // The view holds the probes' working set (3 keys a probe at most).
+    let table_cfg = format!(
+        "[table]\nbackend = \"postgres\"\nurl = \"{url}\"\npassword_file = \"{}\"\nview_entries = 700000\n",
+        pw.display()
+    );
+    let file = dir.path().join("virtual");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        for i in 0..n {
+            writeln!(
+                f,
+                "user{i}@alias{}.test dest{i}@d{}.example",
+                i % 100,
+                i % 7
+            )
+            .unwrap();
+        }
+    }
+    let pg_dir = dir.path().join("pg");
+    std::fs::create_dir_all(&pg_dir).unwrap();
+    let pg_cfg = write_config(&pg_dir, &table_cfg);
+    import_with(&pg_cfg, &file, &format!("postgres (COPY), {n} aliases"));
+    let sled_dir = dir.path().join("sled");
+    std::fs::create_dir_all(&sled_dir).unwrap();
+    let sled_cfg = write_config(&sled_dir, "");
+    import_with(&sled_cfg, &file, &format!("sled, {n} aliases"));
+
+    let probes = probes(n, count);
+    let cache = tenso::config::Config::default().table.cache_bytes;
+    let sled = Table::open(&sled_dir.join("data/table"), cache, Some('+'), 8).unwrap();
+    lookup_pass("sled, cold", &sled, &probes);
+    let sled_p99 = lookup_pass("sled, warm", &sled, &probes);
+    drop(sled);
+
+    let cfg = tenso::config::Config::load(Some(&pg_cfg)).unwrap();
+    let a =
+        Table::open_postgres(&pg_dir.join("node-a"), 1 << 20, Some('+'), 8, &cfg.table).unwrap();
+    let b =
+        Table::open_postgres(&pg_dir.join("node-b"), 1 << 20, Some('+'), 8, &cfg.table).unwrap();
+    let t = Instant::now();
+    while !(a.view().feed_connected() && b.view().feed_connected()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "change feed did not connect"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lookup_pass("postgres, cold (view empty: a query per key)", &a, &probes);
+    let pg_p99 = lookup_pass("postgres, warm (view)", &a, &probes);
+    println!(
+        "warm p99 ratio postgres/sled: {:.2} (view holds {} entries, bound {})",
+        pg_p99.as_secs_f64() / sled_p99.as_secs_f64(),
+        a.view().cached_entries(),
+        cfg.table.view_entries
+    );
+
+    // NOTIFY propagation: a change on A, polled on B's (warm) view.
+    let mut lat = Vec::new();
+    for i in 0..50 {
+        let alias = format!("fresh{i}@alias1.test");
+        let m = Mailbox::parse(&alias).unwrap();
+        assert!(!matches!(
+            b.lookup_rcpt(&m).unwrap(),
+            tenso::table::RcptLookup::Found(_)
+        ));
+        let t = Instant::now();
+        a.add(
+            &alias,
+            &["x@d0.example".to_string()],
+            tenso::config::BouncePolicy::Pool,
+        )
+        .unwrap();
+        let committed = Instant::now();
+        while !matches!(
+            b.lookup_rcpt(&m).unwrap(),
+            tenso::table::RcptLookup::Found(_)
+        ) {
+            assert!(t.elapsed() < Duration::from_secs(10), "no propagation");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        lat.push(committed.elapsed());
+    }
+    println!(
+        "NOTIFY propagation (commit on A -> answer on B), 50 changes: p50 {:.2} ms, max {:.2} ms",
+        pct(&mut lat, 0.5).as_secs_f64() * 1e3,
+        pct(&mut lat, 1.0).as_secs_f64() * 1e3
+    );
+}
+
 fn raise_nofile(n: u64) {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -322,5 +494,9 @@ fn main() {
     }
     if all || which.iter().any(|w| w == "idle") {
         idle();
+    }
+    // Needs PostgreSQL 15 (Debian's package) and about a minute more: asked by name.
+    if which.iter().any(|w| w == "postgres") {
+        postgres();
     }
 }

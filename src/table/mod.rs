@@ -598,6 +598,7 @@ impl Table {
         alias: &AliasName,
         dests: &[String],
         pending: &BTreeMap<Vec<u8>, AliasEntry>,
+        locals: &HashMap<String, bool>,
     ) -> Result<(), TableError> {
         if dests.is_empty() {
             return Err(TableError::Invalid(format!(
@@ -630,7 +631,7 @@ impl Table {
                 .range(k.clone()..)
                 .next()
                 .is_some_and(|(pk, _)| pk.starts_with(&k))
-                || self.is_local_domain(d)?)
+                || locals.contains_key(d))
         };
         let me = alias.to_string();
         let mut stack: Vec<(String, usize)> = dests.iter().map(|d| (d.clone(), 1)).collect();
@@ -692,7 +693,7 @@ impl Table {
         if self.store.get(&name.key())?.is_some() {
             return Err(TableError::Exists(name.to_string()));
         }
-        self.check_dests(&name, &dests, &BTreeMap::new())?;
+        self.check_dests(&name, &dests, &BTreeMap::new(), &*self.local_domains()?)?;
         let now = crate::time::unix_now();
         let entry = AliasEntry {
             dests,
@@ -726,7 +727,12 @@ impl Table {
         change(&mut entry);
         if entry.dests != before {
             entry.dests = Self::normalize_dests(&entry.dests)?;
-            self.check_dests(&name, &entry.dests, &BTreeMap::new())?;
+            self.check_dests(
+                &name,
+                &entry.dests,
+                &BTreeMap::new(),
+                &*self.local_domains()?,
+            )?;
         }
         entry.updated = crate::time::unix_now();
         self.store.put(&name.key(), &entry)?;
@@ -835,9 +841,12 @@ impl Table {
         // Destinations are checked against the table as it will be after the import,
         // so files may refer to aliases defined further down.
         let mut invalid = HashSet::new();
+        // One snapshot of the local domains for the whole file (a million entries
+        // must not ask a shared store a million times).
+        let locals = self.local_domains()?;
         for (name, line) in &names {
             let dests = &pending[&name.key()].dests;
-            if let Err(err) = self.check_dests(name, dests, &pending) {
+            if let Err(err) = self.check_dests(name, dests, &pending, &locals) {
                 report.bad.push((*line, err.to_string()));
                 invalid.insert(name.key());
             }

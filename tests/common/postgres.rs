@@ -46,6 +46,13 @@ fn as_owner(prog: &str, args: &[&str]) -> Output {
     cmd.output().expect("run a PostgreSQL program")
 }
 
+/// A 127.0.0.1 port nothing listens on (bound and released). Own copy, so that
+/// benches can include this file alone.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -111,7 +118,7 @@ impl PgCluster {
             ),
         );
         let mut c = PgCluster {
-            port: super::closed_port(),
+            port: free_port(),
             dir,
             running: false,
         };
