@@ -1014,6 +1014,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_postgres_url_with_a_password_is_refused() {
+        for (url, has) in [
+            ("postgresql://tenso@127.0.0.1:5432/tenso", false),
+            ("postgres://tenso@db/tenso?sslmode=disable", false),
+            ("postgresql://db.example/tenso", false),
+            ("postgresql://tenso:secret@db/tenso", true),
+            ("postgresql://tenso:@db/tenso", true),
+            ("postgresql://db/tenso?password=secret", true),
+            ("host=db user=tenso password=secret", true),
+            ("host=db user=tenso", false),
+            // An '@' in the path is not user info.
+            ("postgresql://db/ten:so@x", false),
+        ] {
+            assert_eq!(url_has_password(url), has, "{url}");
+        }
+        let mut c = Config::default();
+        c.table.backend = TableBackend::Postgres;
+        assert!(c.validate().is_err(), "postgres without url");
+        c.table.url = Some("postgresql://tenso:pw@db/tenso".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("password_file") && !err.contains("pw@"),
+            "{err}"
+        );
+        c.table.url = Some("postgresql://tenso@db/tenso".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn defaults_validate() {
         let c = Config::default();
         c.validate().unwrap();
