@@ -189,8 +189,10 @@ async fn table_copy_round_trip_loses_no_field() {
         "[table]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
         pw.display()
     );
+    let dns = dns().await;
+    let sink = TestSink::builder().start().await;
     // A one-node installation on sled, with every kind of field set.
-    let mut one = Tenso::start(&table).await;
+    let mut one = Tenso::start(&config(&dns, sink.port(), &table)).await;
     one.cli_ok(&[
         "user",
         "add",
@@ -218,6 +220,28 @@ async fn table_copy_round_trip_loses_no_field() {
     ])
     .await;
     one.cli_ok(&["domain", "add", "empty.test"]).await;
+    // A bounce waiting in the pool, with its destination's health.
+    one.cli_ok(&[
+        "user",
+        "add",
+        "p@alias.test",
+        "p@dest.test",
+        "--bounce",
+        "pool",
+    ])
+    .await;
+    let dsn = remote_dsn(&RemoteDsn {
+        to: "p@alias.test",
+        envid: None,
+        final_rcpt: "p@dest.test",
+        status: "5.1.1",
+        diagnostic: "550 5.1.1 user unknown",
+        returned_headers: "From: someone@origin.test\r\nMessage-ID: <x@origin.test>\r\n",
+        token: "copy-dsn",
+    });
+    send(&one, "", &["p@alias.test"], &dsn).await;
+    let before_pool = pool_list(&one, None).await;
+    assert_eq!(before_pool.len(), 1);
     let before_users = one.cli_ok(&["user", "list", "--json"]).await;
     let before_domains = one.cli_ok(&["domain", "list", "--json"]).await;
     one.stop().await;
@@ -227,8 +251,9 @@ async fn table_copy_round_trip_loses_no_field() {
             "table", "copy", "--from", "sled", "--to", "postgres", "--json",
         ])
         .await;
-    assert_eq!(report["aliases"], 3, "{report}");
+    assert_eq!(report["aliases"], 4, "{report}");
     assert_eq!(report["domains"], 1, "{report}");
+    assert_eq!(report["pool"], 1, "{report}");
 
     // The same data dir, now on postgres: the same answers.
     let pg_cfg = std::fs::read_to_string(one.config_path())
@@ -242,18 +267,24 @@ async fn table_copy_round_trip_loses_no_field() {
         before_domains
     );
     assert_eq!(rcpt_code(&one, "anyone@catch.test").await.0, 250);
+    assert_eq!(pool_list(&one, None).await, before_pool);
+    let health = one
+        .cli_ok(&["user", "show", "p@alias.test", "--json"])
+        .await;
     // A change made on postgres, then back to a fresh sled table.
     one.cli_ok(&["user", "add", "new@alias.test", "n@dest.test"])
         .await;
     let pg_users = one.cli_ok(&["user", "list", "--json"]).await;
     one.stop().await;
     std::fs::remove_dir_all(one.data_dir().join("table")).unwrap();
+    std::fs::remove_dir_all(one.data_dir().join("pool")).unwrap();
     let back = one
         .cli_json(&[
             "table", "copy", "--from", "postgres", "--to", "sled", "--json",
         ])
         .await;
-    assert_eq!(back["aliases"], 4, "{back}");
+    assert_eq!(back["aliases"], 5, "{back}");
+    assert_eq!(back["pool"], 1, "{back}");
     std::fs::write(
         one.config_path(),
         pg_cfg.replace("backend = \"postgres\"\n", ""),
@@ -261,6 +292,12 @@ async fn table_copy_round_trip_loses_no_field() {
     .unwrap();
     one.launch().await;
     assert_eq!(one.cli_ok(&["user", "list", "--json"]).await, pg_users);
+    assert_eq!(pool_list(&one, None).await, before_pool);
+    assert_eq!(
+        one.cli_ok(&["user", "show", "p@alias.test", "--json"])
+            .await,
+        health
+    );
     assert_eq!(
         one.cli_ok(&["domain", "list", "--json"]).await,
         before_domains

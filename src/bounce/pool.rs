@@ -327,6 +327,48 @@ impl Pool {
         Ok(old.len())
     }
 
+    /// Copies every message of this pool into `to` with its id, alias, time and seen
+    /// flag (`tenso table copy`: the Maildir pool of one node ⇄ a fleet's shared
+    /// pool). Limits are not applied: nothing is expired by a copy.
+    pub fn copy_to(&self, to: &Pool) -> io::Result<usize> {
+        let entries = self.try_list(None)?;
+        for e in &entries {
+            let (_, body) = self.read(&e.id)?;
+            match &to.shared {
+                Some(pg) => {
+                    let row = PooledRow {
+                        id: e.id.clone(),
+                        alias: e.alias.clone(),
+                        time: e.time,
+                        size: body.len() as u64,
+                        seen: e.seen,
+                        exported_by: None,
+                    };
+                    pg.pool_put(row, body, usize::MAX, u64::MAX)
+                        .map_err(db_err)?;
+                }
+                None => {
+                    to.write_maildir(&e.alias, &e.id, &body)?;
+                    if e.seen {
+                        to.mark_seen_locally(&e.alias, &e.id, body.len())?;
+                    }
+                }
+            }
+        }
+        Ok(entries.len())
+    }
+
+    /// Moves a Maildir message from `new/` to `cur/` with the Seen flag.
+    fn mark_seen_locally(&self, pool_name: &str, id: &str, size: usize) -> io::Result<()> {
+        let dir = self.root.join(pool_name);
+        let name = format!("{id},S={size}");
+        fs::rename(
+            dir.join("new").join(&name),
+            dir.join("cur").join(format!("{name}:2,S")),
+        )?;
+        disk::sync_dir(&dir.join("cur"))
+    }
+
     /// One pass of the Maildir export of a shared pool (see the module docs); the
     /// pool's database rows are the truth, the Maildir its copy for IMAP readers.
     pub fn export_maildir(&self) -> io::Result<ExportReport> {

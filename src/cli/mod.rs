@@ -559,20 +559,40 @@ fn table_copy(
     };
     let pg = crate::table::Table::postgres_on(sled.node_db().clone(), sep, depth, &cfg.table)?;
     pg.postgres().expect("postgres store").migrate()?;
-    let report = match (from, to) {
+    let maildir = crate::bounce::pool::Pool::new(
+        cfg.pool_dir(),
+        cfg.pool_modes(),
+        &cfg.hostname,
+        cfg.pool.max_messages,
+        cfg.pool.max_bytes,
+    );
+    let shared = crate::bounce::pool::Pool::new(
+        cfg.pool_dir(),
+        cfg.pool_modes(),
+        &cfg.hostname,
+        cfg.pool.max_messages,
+        cfg.pool.max_bytes,
+    )
+    .shared(pg.postgres().expect("postgres store").clone());
+    let mut report = match (from, to) {
         (TableBackend::Sled, _) => crate::table::copy::copy(&sled, &pg)?,
         (TableBackend::Postgres, _) => crate::table::copy::copy(&pg, &sled)?,
+    };
+    report.pool = match from {
+        TableBackend::Sled => maildir.copy_to(&shared)?,
+        TableBackend::Postgres => shared.copy_to(&maildir)?,
     };
     Ok(if json {
         format!("{}\n", serde_json::to_string_pretty(&report)?)
     } else {
         format!(
-            "copied {} aliases ({} replaced), {} domains, {} health lists, {} correlation records from {} to {}\n",
+            "copied {} aliases ({} replaced), {} domains, {} health lists, {} correlation records, {} pooled messages from {} to {}\n",
             report.aliases,
             report.replaced,
             report.domains,
             report.health,
             report.fwdlog,
+            report.pool,
             backend_name(from),
             backend_name(to)
         )

@@ -4,8 +4,9 @@
 //! the bounce correlation log.
 //!
 //! Entries already in the target with the same alias are replaced; nothing in the
-//! target is removed. Node-local state (the outbound TLS cache and reports, queues,
-//! pools) is not table state and is not copied.
+//! target is removed. Node-local state (the outbound TLS cache and reports, queues)
+//! is not table state and is not copied; the pool is copied by `tenso table copy`
+//! beside this (a node's Maildir pool ⇄ the fleet's shared pool).
 
 use super::{Table, TableError};
 use serde::Serialize;
@@ -17,6 +18,8 @@ pub struct CopyReport {
     pub domains: usize,
     pub health: usize,
     pub fwdlog: usize,
+    /// Pooled bounces (copied by the caller, which owns the pools).
+    pub pool: usize,
 }
 
 /// Copies everything of `from` into `to`; durable in `to` when it returns.

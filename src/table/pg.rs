@@ -1033,8 +1033,9 @@ impl PgStore {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(db)?;
             tx.execute(
-                "INSERT INTO pool (id, alias, time, size, body) VALUES ($1, $2, $3, $4, $5)",
-                &[&row.id, &row.alias, &row.time, &(row.size as i64), &body],
+                "INSERT INTO pool (id, alias, time, size, seen, body) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (id) DO NOTHING",
+                &[&row.id, &row.alias, &row.time, &(row.size as i64), &row.seen, &body],
             )
             .await
             .map_err(db)?;
@@ -1046,7 +1047,7 @@ impl PgStore {
                      WHERE n > $2 OR bytes > $3) RETURNING id, size",
                     &[
                         &row.alias,
-                        &(max_messages as i64),
+                        &(max_messages.min(i64::MAX as usize) as i64),
                         &(max_bytes.min(i64::MAX as u64) as i64),
                     ],
                 )
