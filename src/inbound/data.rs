@@ -192,8 +192,8 @@ impl Session {
         }
 
         let mut rcpts = Vec::new();
-        for t in &targets {
-            match forward::expand(&self.ctx.table, &self.ctx.cfg, t, &tx.reverse_path) {
+        for expanded in self.expand_targets(&targets, &tx.reverse_path).await {
+            match expanded {
                 Ok(mut r) => {
                     // tenso's own trace for this alias: the message has been here
                     // before, so forwarding it again would loop.
@@ -312,6 +312,31 @@ impl Session {
     /// `targets` and returned as failed recipients whose DSN goes to the sender —
     /// except when SPF says fail or softfail, or the sender is null (proposal 1b):
     /// then the copy is discarded, logged and counted.
+    /// Each target's outgoing recipients. A shared (postgres) table may have to ask
+    /// its database: then on the blocking pool, never on an async worker.
+    async fn expand_targets(
+        &self,
+        targets: &[forward::Target],
+        reverse_path: &str,
+    ) -> Vec<Result<Vec<Rcpt>, crate::table::TableError>> {
+        let (table, cfg) = (self.ctx.table.clone(), self.ctx.cfg.clone());
+        let (targets, rp) = (targets.to_vec(), reverse_path.to_string());
+        let run = move || {
+            targets
+                .iter()
+                .map(|t| forward::expand(&table, &cfg, t, &rp))
+                .collect::<Vec<_>>()
+        };
+        if self.ctx.table.postgres().is_none() {
+            return run();
+        }
+        tokio::task::spawn_blocking(run).await.unwrap_or_else(|e| {
+            vec![Err(crate::table::TableError::Unavailable(format!(
+                "expansion task: {e}"
+            )))]
+        })
+    }
+
     fn unknown_recipients(
         &mut self,
         id: &str,
