@@ -17,7 +17,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tenso::smtp::codec::{DataDecoder, DataError, Frame, Input, LineFramer, Reader};
 
 /// One element of a random stream: mostly single octets of the dense alphabet.
-fn element() -> impl Strategy<Value = Vec<u8>> {
+pub fn element() -> impl Strategy<Value = Vec<u8>> {
     const DENSE: &[u8] = b"\r\n.\0a ";
     const NEAR: &[&[u8]] = &[
         b"\r\n", b"\r\n.", b".\r\n", b"\r\n.\r", b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"..",
