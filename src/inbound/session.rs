@@ -267,20 +267,10 @@ impl Session {
         }
     }
 
-    async fn command(&mut self, mut line: Vec<u8>) {
-        let Ok(text) = std::str::from_utf8(&line) else {
-            self.reply(Reply::new(500, "5.5.2", "command is not valid UTF-8"));
-            return;
-        };
-        let text = text.to_string();
-        line.extend_from_slice(b"\r\n");
-        let req = match Request::parse(&mut line.iter()) {
-            Ok(r) => r.into_owned(),
-            Err(e) => {
-                let r = parse_error_reply(&e, &text);
-                self.reply(r);
-                return;
-            }
+    async fn command(&mut self, line: Vec<u8>) {
+        let (text, req) = match parse_command(&line) {
+            Ok(parsed) => parsed,
+            Err(reply) => return self.reply(reply),
         };
         match req {
             Request::Ehlo { host } => self.handle_helo(host, true),
@@ -374,6 +364,21 @@ impl Session {
         self.data_bytes = 0;
         self.data = Vec::with_capacity(8 * 1024);
         self.reader.start_data(self.ctx.cfg.smtp.max_message_size);
+    }
+}
+
+/// Parses one command line (a [`Frame::Line`]: the octets before its CRLF) into its
+/// text and request, or the error reply. Pure, so it is fuzzed as the session uses it.
+pub fn parse_command(line: &[u8]) -> Result<(String, Request<String>), Reply> {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Err(Reply::new(500, "5.5.2", "command is not valid UTF-8"));
+    };
+    let mut wire = Vec::with_capacity(line.len() + 2);
+    wire.extend_from_slice(line);
+    wire.extend_from_slice(b"\r\n");
+    match Request::parse(&mut wire.iter()) {
+        Ok(r) => Ok((text.to_string(), r.into_owned())),
+        Err(e) => Err(parse_error_reply(&e, text)),
     }
 }
 
