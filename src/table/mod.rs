@@ -13,6 +13,7 @@
 
 pub mod fwdlog;
 pub mod import;
+pub mod tls;
 
 use crate::config::{BouncePolicy, SpamPolicy};
 use crate::smtp::address::{Mailbox, check_alias};
@@ -296,6 +297,11 @@ impl Table {
             max_depth,
             local: Arc::new(RwLock::new(DomainCache::default())),
         })
+    }
+
+    /// The outbound TLS state: MTA-STS policies and TLS-RPT counts (own trees).
+    pub fn tls(&self) -> Result<tls::TlsStore, TableError> {
+        tls::TlsStore::open(&self.db)
     }
 
     /// The correlation log of forwarded copies (same database, own trees).
