@@ -7,9 +7,10 @@
 //! timed out, dropped — is a [`TableError::Unavailable`], which RCPT answers with
 //! `451 4.3.0`: an unknown answer is never "user unknown".
 //!
-//! Every change to aliases or domains bumps the change counter
-//! (`tenso_generation`) and sends `NOTIFY tenso_table` in the same transaction, so
-//! the other nodes hear of it exactly when it commits. [`PgStore::start_feed`] keeps
+//! Every statement that writes aliases or domains moves the change counter
+//! (`tenso_generation`, by a statement trigger), and tenso's own changes send
+//! `NOTIFY tenso_table` in the same transaction, so the other nodes hear of them
+//! exactly when they commit; a change made with plain SQL is caught by the counter. [`PgStore::start_feed`] keeps
 //! one extra connection LISTENing and feeds the node's [`View`]; it also checks the
 //! counter every `view_check` (a missed notification is caught there), and on loss
 //! reconnects with backoff (1 s doubling to 30 s), logging each loss and recovery.
@@ -89,6 +90,21 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX pool_alias ON pool (alias, time, id);
     CREATE TABLE tenso_jobs (name text PRIMARY KEY, at bigint NOT NULL);
+    "#,
+    // 4: the change counter moves with every statement that writes aliases or domains,
+    // whoever runs it (an operator's SQL too), so the views' periodic check sees
+    // changes that sent no notification. Per statement, not per row: an import of a
+    // million rows bumps it once.
+    r#"
+    CREATE FUNCTION tenso_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE tenso_generation SET generation = generation + 1 WHERE id = 1;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER aliases_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON aliases
+        FOR EACH STATEMENT EXECUTE FUNCTION tenso_bump();
+    CREATE TRIGGER domains_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON domains
+        FOR EACH STATEMENT EXECUTE FUNCTION tenso_bump();
     "#,
 ];
 
@@ -678,7 +694,7 @@ async fn notify(
     domain: &str,
     local: &str,
 ) -> Result<(), TableError> {
-    let generation = bump(tx).await?;
+    let generation = current_generation(tx).await?;
     let kind = match change {
         Change::Entry => "e",
         Change::Membership => "m",
@@ -691,7 +707,7 @@ async fn notify(
 }
 
 async fn notify_all(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), TableError> {
-    let generation = bump(tx).await?;
+    let generation = current_generation(tx).await?;
     let payload = format!("{generation}\t*");
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
         .await
@@ -699,12 +715,11 @@ async fn notify_all(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), Table
     Ok(())
 }
 
-async fn bump(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, TableError> {
+/// The change counter after this transaction's writes (the triggers of schema 4
+/// moved it; the row stays locked by them until commit, so counters follow commits).
+async fn current_generation(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, TableError> {
     Ok(tx
-        .query_one(
-            "UPDATE tenso_generation SET generation = generation + 1 WHERE id = 1 RETURNING generation",
-            &[],
-        )
+        .query_one("SELECT generation FROM tenso_generation WHERE id = 1", &[])
         .await
         .map_err(db)?
         .get(0))
