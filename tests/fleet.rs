@@ -322,3 +322,89 @@ async fn table_copy_round_trip_loses_no_field() {
     let migrate = one.cli_ok(&["table", "migrate"]).await;
     assert!(migrate.contains("version 4"), "{migrate}");
 }
+
+/// The shared pool's own rules against the real database, in process: the per-alias
+/// limits expire the oldest in the same transaction, and the Maildir export writes,
+/// follows removals, and takes back what the IMAP reader deleted or read.
+#[test]
+fn shared_pool_limits_and_maildir_export() {
+    use std::sync::atomic::Ordering;
+    use tenso::bounce::pool::Pool;
+    let pg = PgCluster::start();
+    let url = pg.create_db("tenso", "pool-secret");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "pool-secret\n").unwrap();
+    let cfg = tenso::config::TableConfig {
+        url: Some(url),
+        password_file: Some(pw),
+        ..Default::default()
+    };
+    let store = tenso::table::pg::PgStore::open(&cfg).unwrap();
+    assert_eq!(store.migrate().unwrap(), 4);
+    let root = dir.path().join("pool");
+    let pool =
+        Pool::new(root.clone(), tenso::disk::PRIVATE, "node-a", 2, 1 << 20).shared(store.clone());
+    let msg = |i: usize| format!("Subject: {i}\r\n\r\nbounce {i}\r\n").into_bytes();
+    let ids: Vec<String> = (0..3)
+        .map(|i| pool.deliver("Lim@X.test", &msg(i)).unwrap())
+        .collect();
+    let left = pool.try_list(Some("lim@x.test")).unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        ids[1..].to_vec(),
+        "the oldest expired first"
+    );
+    assert_eq!(pool.expired.load(Ordering::Relaxed), 1);
+    assert_eq!(pool.read(&ids[2]).unwrap().1, msg(2));
+    // Another node's handle on the same pool sees the same.
+    let other = Pool::new(
+        dir.path().join("b"),
+        tenso::disk::PRIVATE,
+        "node-b",
+        2,
+        1 << 20,
+    )
+    .shared(store.clone());
+    assert_eq!(other.try_list(None).unwrap().len(), 2);
+    // A byte limit counts too: one large message pushes out everything older.
+    let big =
+        Pool::new(root.clone(), tenso::disk::PRIVATE, "node-a", 100, 1000).shared(store.clone());
+    big.deliver("big@x.test", &[b'a'; 600]).unwrap();
+    big.deliver("big@x.test", &[b'b'; 600]).unwrap();
+    assert_eq!(big.try_list(Some("big@x.test")).unwrap().len(), 1);
+
+    // Export: every message written into node-a's Maildir, by pool name.
+    let r = pool.export_maildir().unwrap();
+    assert_eq!(r.written, 3, "{r:?}");
+    let new_dir = root.join("lim@x.test/new");
+    let files: Vec<_> = std::fs::read_dir(&new_dir).unwrap().flatten().collect();
+    assert_eq!(files.len(), 2);
+    // Removed through the pool (any node): the file goes at the next pass.
+    other.remove(&ids[1]).unwrap();
+    // Read by the IMAP reader: moved to cur/ with the Seen flag; the pool follows.
+    let keep = new_dir.join(
+        std::fs::read_dir(&new_dir)
+            .unwrap()
+            .flatten()
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with(&ids[2]))
+            .unwrap(),
+    );
+    let cur = root.join("lim@x.test/cur");
+    let seen_name = format!("{}:2,S", keep.file_name().unwrap().to_string_lossy());
+    std::fs::rename(&keep, cur.join(&seen_name)).unwrap();
+    let r = pool.export_maildir().unwrap();
+    assert_eq!((r.written, r.removed_files), (0, 1), "{r:?}");
+    let e = other.try_list(Some("lim@x.test")).unwrap();
+    assert_eq!((e.len(), e[0].seen), (1, true), "{e:?}");
+    // Deleted by the IMAP reader: it leaves the pool.
+    std::fs::remove_file(cur.join(&seen_name)).unwrap();
+    let r = pool.export_maildir().unwrap();
+    assert_eq!(r.deleted_by_reader, 1, "{r:?}");
+    assert!(other.try_list(Some("lim@x.test")).unwrap().is_empty());
+    // The database gone: the pool says so (an error), it does not list nothing.
+    drop(pg);
+    assert!(other.try_list(None).is_err());
+    assert!(pool.deliver("lim@x.test", &msg(9)).is_err());
+}
