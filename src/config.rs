@@ -6,6 +6,10 @@
 //! (`30s`, `5d`). This module only parses and validates; it opens no socket or file
 //! other than the config file itself.
 
+mod submission;
+
+pub use submission::{DkimDomainKey, SubmissionConfig};
+
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +75,7 @@ pub struct Config {
     pub reputation: ReputationConfig,
     pub tls: TlsConfig,
     pub spam: SpamConfig,
+    pub submission: SubmissionConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -323,6 +328,10 @@ pub struct DkimConfig {
     pub key: Option<PathBuf>,
     /// ARC-seal forwarded copies (RFC 8617; being moved to Historic).
     pub arc: bool,
+    /// `[[dkim.keys]]`: per-domain keys for submitted mail (signed with its From
+    /// domain's key); the key above stays the one for DSNs and forwarded copies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<DkimDomainKey>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -611,6 +620,7 @@ impl Default for Config {
             reputation: ReputationConfig::default(),
             tls: TlsConfig::default(),
             spam: SpamConfig::default(),
+            submission: SubmissionConfig::default(),
         }
     }
 }
@@ -790,6 +800,10 @@ impl Config {
             return bad(format!("[pool] group {g:?}: no such group"));
         }
         self.validate_spam()?;
+        submission::validate_domain_keys(&self.dkim.keys).map_err(ConfigError::Invalid)?;
+        self.submission
+            .validate(&self.smtp.listen)
+            .map_err(ConfigError::Invalid)?;
         for pm in &self.postmaster {
             crate::smtp::address::Mailbox::parse(pm)
                 .map_err(|e| ConfigError::Invalid(format!("postmaster {pm:?}: {e}")))?;

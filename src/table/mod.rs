@@ -13,6 +13,7 @@
 
 pub mod fwdlog;
 pub mod import;
+pub mod logins;
 
 use crate::config::{BouncePolicy, SpamPolicy};
 use crate::smtp::address::{Mailbox, check_alias};
@@ -296,6 +297,11 @@ impl Table {
             max_depth,
             local: Arc::new(RwLock::new(DomainCache::default())),
         })
+    }
+
+    /// Submission logins (same database, own tree).
+    pub fn logins(&self) -> Result<logins::Logins, TableError> {
+        logins::Logins::open(&self.db, &self.aliases)
     }
 
     /// The correlation log of forwarded copies (same database, own trees).
@@ -600,6 +606,8 @@ impl Table {
             return Err(TableError::NotFound(name.to_string()));
         }
         self.health.remove(name.key())?;
+        // A removed alias can no longer send as itself either.
+        self.logins()?.forget(&name.key())?;
         self.flush()?;
         Ok(())
     }
