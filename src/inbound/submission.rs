@@ -453,6 +453,7 @@ impl Session {
             let id = self.ctx.spool.new_id();
             let msg = self.sign_submitted(
                 &svc,
+                &id,
                 &tx.reverse_path,
                 self.submitted_trace(&id, tx.smtputf8, &rest),
             );
@@ -571,7 +572,7 @@ impl Session {
 
     /// Signs with the key of the login's domain (= the From domain: DMARC aligns),
     /// or the `[dkim]` default key, or not at all (each counted and logged).
-    fn sign_submitted(&self, svc: &Service, login: &str, msg: Vec<u8>) -> Vec<u8> {
+    fn sign_submitted(&self, svc: &Service, id: &str, login: &str, msg: Vec<u8>) -> Vec<u8> {
         let domain = login.rsplit_once('@').map_or("", |(_, d)| d);
         if let Some(s) = svc.keys.for_domain(domain) {
             return s.sign_prepend(msg);
@@ -580,11 +581,11 @@ impl Session {
             svc.counters
                 .signed_default_key
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%domain, key_domain = %s.domain, "submitted mail signed with the default key: no [[dkim.keys]] entry for its domain (DMARC will not align)");
+            tracing::warn!(queue_id = id, %domain, key_domain = %s.domain, "submitted mail signed with the default key: no [[dkim.keys]] entry for its domain (DMARC will not align)");
             return s.sign_prepend(msg);
         }
         svc.counters.unsigned.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%domain, "submitted mail sent unsigned: no DKIM key configured");
+        tracing::warn!(queue_id = id, %domain, "submitted mail sent unsigned: no DKIM key configured");
         msg
     }
 
