@@ -76,6 +76,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub spam: SpamConfig,
     pub submission: SubmissionConfig,
+    pub tls_report: TlsReportConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -348,6 +349,9 @@ pub struct DnsConfig {
     /// flood of mail naming a broken domain does not ask again; "0s" disables it.
     #[serde(with = "humantime_serde")]
     pub temperror_cache: Duration,
+    /// DNSSEC trust anchors for DANE (a file of DNSKEY records); default: the IANA
+    /// root keys built into hickory.
+    pub trust_anchor: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,6 +361,9 @@ pub enum TlsMode {
     Opportunistic,
     /// STARTTLS must succeed, or the attempt is deferred.
     Required,
+    /// STARTTLS must succeed with a certificate that chains to a trusted root and
+    /// names the MX host (RFC 7817 / RFC 6125), or the attempt is deferred.
+    Verify,
     /// Never STARTTLS.
     None,
 }
@@ -390,6 +397,41 @@ pub struct DeliveryConfig {
     pub idle_timeout: Duration,
     /// Total concurrent delivery attempts.
     pub max_concurrency: usize,
+    /// PEM file of extra trusted roots for `verify`, MTA-STS and the policy fetch,
+    /// added to the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Apply destinations' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+    /// Port of the MTA-STS policy host. 443 in the real world; tests only change it.
+    pub mta_sts_port: u16,
+    /// Apply DANE TLSA records (RFC 7672); needs a resolver path that passes DNSSEC
+    /// records (validation is done by tenso, see `[dns] trust_anchor`).
+    pub dane: bool,
+}
+
+/// TLS reporting (RFC 8460): daily aggregate reports to destinations that ask.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsReportConfig {
+    /// Count TLS results per destination domain and send the reports.
+    pub enabled: bool,
+    /// `organization-name` of the reports (default: hostname).
+    pub org_name: Option<String>,
+    /// `contact-info` and the From: of the report mail (default: postmaster@hostname).
+    pub contact: Option<String>,
+    /// Destination domains counted per day; more are not counted (logged).
+    pub max_domains: usize,
+}
+
+impl Default for TlsReportConfig {
+    fn default() -> Self {
+        TlsReportConfig {
+            enabled: true,
+            org_name: None,
+            contact: None,
+            max_domains: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -621,6 +663,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             spam: SpamConfig::default(),
             submission: SubmissionConfig::default(),
+            tls_report: TlsReportConfig::default(),
         }
     }
 }
@@ -647,6 +690,7 @@ impl Default for DnsConfig {
             timeout: Duration::from_secs(5),
             attempts: 2,
             temperror_cache: Duration::from_secs(60),
+            trust_anchor: None,
         }
     }
 }
@@ -667,6 +711,10 @@ impl Default for DeliveryConfig {
             data_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(5),
             max_concurrency: 100,
+            ca_file: None,
+            mta_sts: true,
+            mta_sts_port: 443,
+            dane: false,
         }
     }
 }
@@ -804,6 +852,16 @@ impl Config {
         self.submission
             .validate(&self.smtp.listen)
             .map_err(ConfigError::Invalid)?;
+        if self.delivery.mta_sts_port == 0 {
+            return bad("[delivery] mta_sts_port must not be 0".into());
+        }
+        if self.tls_report.max_domains == 0 {
+            return bad("[tls_report] max_domains must be at least 1".into());
+        }
+        if let Some(c) = &self.tls_report.contact {
+            crate::smtp::address::Mailbox::parse(c)
+                .map_err(|e| ConfigError::Invalid(format!("[tls_report] contact {c:?}: {e}")))?;
+        }
         for pm in &self.postmaster {
             crate::smtp::address::Mailbox::parse(pm)
                 .map_err(|e| ConfigError::Invalid(format!("postmaster {pm:?}: {e}")))?;
@@ -931,6 +989,28 @@ mod tests {
         }
         assert!(Config::from_toml("[spam]\non_error = \"drop\"\n").is_err());
         assert!(Config::from_toml("[spam]\ndefault = \"bounce\"\n").is_err());
+    }
+
+    #[test]
+    fn outbound_tls_keys() {
+        let c = Config::default();
+        assert_eq!(c.delivery.tls, TlsMode::Opportunistic);
+        assert!(c.delivery.mta_sts && !c.delivery.dane && c.tls_report.enabled);
+        assert_eq!(c.delivery.mta_sts_port, 443);
+        let c = Config::from_toml(
+            "[delivery]\ntls = \"verify\"\nca_file = \"/etc/ca.pem\"\ndane = true\nmta_sts = false\n[delivery.tls_domains]\n\"a.test\" = \"verify\"\n[dns]\ntrust_anchor = \"/etc/root.key\"\n[tls_report]\ncontact = \"tls@example.test\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.delivery.tls, TlsMode::Verify);
+        assert_eq!(c.delivery.tls_domains["a.test"], TlsMode::Verify);
+        assert!(c.delivery.dane && !c.delivery.mta_sts);
+        assert_eq!(c.dns.trust_anchor, Some(PathBuf::from("/etc/root.key")));
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.tls_report.contact = Some("not an address".into());
+        assert!(bad.validate().is_err());
+        assert!(Config::from_toml("[delivery]\ntls = \"strict\"\n").is_err());
+        assert!(Config::from_toml("[tls_report]\nsend = true\n").is_err());
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "spool recovered"
     );
     let resolver = crate::dns::build(&cfg).map_err(anyhow::Error::msg)?;
-    let delivery = crate::delivery::Delivery::new(cfg.clone(), resolver.clone())
+    let delivery = crate::delivery::Delivery::new(cfg.clone(), resolver.clone(), &table)
         .map_err(anyhow::Error::msg)?;
     let signer = crate::signing::Signer::from_config(&cfg.dkim)
         .map_err(anyhow::Error::msg)?
@@ -153,7 +153,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             queue: queue.clone(),
             bounce: bounce.clone(),
             auth,
-            signer,
+            signer: signer.clone(),
             tls: crate::inbound::tls::acceptor(&cfg).map_err(anyhow::Error::msg)?,
             submission: crate::inbound::submission::Service::new(&cfg, &table)
                 .map_err(anyhow::Error::msg)?,
@@ -178,6 +178,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 "inbound": status_inbound.snapshot(),
                 "queue": status_queue.snapshot(),
                 "bounce": status_bounce.counters.snapshot(),
+                "tls": status_delivery.tls_counters.snapshot(),
                 "pool": {
                     "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
                     "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
@@ -222,6 +223,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
 
+    tokio::spawn(tls_housekeeping(
+        delivery.clone(),
+        table.clone(),
+        resolver.clone(),
+        spool.clone(),
+        signer.clone(),
+        queue.clone(),
+    ));
+
     let listeners = crate::inbound::bind(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut announce = String::new();
@@ -263,4 +273,39 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(cfg.socket_path());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Hourly: the TLS reports of past days go out (RFC 8460 §5.1: daily aggregates),
+/// and expired MTA-STS policies leave the cache.
+async fn tls_housekeeping(
+    delivery: Arc<crate::delivery::Delivery>,
+    table: Table,
+    resolver: crate::dns::Resolver,
+    spool: Spool,
+    signer: Option<Arc<crate::signing::Signer>>,
+    queue: crate::queue::QueueHandle,
+) {
+    loop {
+        if delivery.reports.enabled() {
+            let queued = delivery
+                .reports
+                .send_due(&resolver, &spool, signer.as_deref(), false)
+                .await;
+            for (e, b) in queued {
+                queue.enqueue(e, Some(b));
+            }
+        }
+        let t = table.clone();
+        let expired = tokio::task::spawn_blocking(move || {
+            t.tls()
+                .and_then(|s| s.sts_expire(crate::time::unix_now()))
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap_or(0);
+        if expired > 0 {
+            tracing::info!(expired, "expired MTA-STS policies dropped");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    }
 }

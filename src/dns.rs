@@ -20,6 +20,11 @@
 //! nameserver from a connected socket, which does see the refusal; when every
 //! nameserver refuses, the lookup fails at once ([`Dns::refusal`]). A nameserver that
 //! answered is not probed again for [`ANSWERING_FRESH`].
+//!
+//! DANE needs answers whose DNSSEC status is known: [`build_validating`] makes a
+//! second handle over the same servers and options that validates every answer
+//! itself (hickory's DNSSEC, trust anchors from `[dns] trust_anchor` or the IANA
+//! root keys) and marks each record secure or insecure; a bogus answer is an error.
 
 use crate::config::{Config, DnsConfig};
 use hickory_resolver::TokioResolver;
@@ -28,6 +33,7 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::dnssec::TrustAnchors;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use parking_lot::Mutex;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -65,6 +71,27 @@ pub fn nameserver_addrs(cfg: &DnsConfig) -> Vec<SocketAddr> {
 }
 
 pub fn build(cfg: &Config) -> Result<Resolver, String> {
+    builder(cfg)?
+        .build()
+        .map_err(|e| format!("building resolver: {e}"))
+}
+
+/// The DNSSEC-validating handle (DANE's TLSA lookups), same servers and options.
+pub fn build_validating(cfg: &Config) -> Result<Resolver, String> {
+    let anchors = match &cfg.dns.trust_anchor {
+        Some(p) => TrustAnchors::from_file(p)
+            .map_err(|e| format!("[dns] trust_anchor {}: {e}", p.display()))?,
+        None => TrustAnchors::default(),
+    };
+    builder(cfg)?
+        .with_trust_anchor(Arc::new(anchors))
+        .build()
+        .map_err(|e| format!("building validating resolver: {e}"))
+}
+
+type Builder = hickory_resolver::ResolverBuilder<TokioRuntimeProvider>;
+
+fn builder(cfg: &Config) -> Result<Builder, String> {
     let provider = TokioRuntimeProvider::default();
     let mut builder = if cfg.dns.nameservers.is_empty() {
         TokioResolver::builder(provider).map_err(|e| format!("reading resolv.conf: {e}"))?
@@ -99,9 +126,7 @@ pub fn build(cfg: &Config) -> Result<Resolver, String> {
     opts.cache_size = 10_000;
     // Mail domains are fully qualified: never append a search domain.
     opts.ndots = 0;
-    builder
-        .build()
-        .map_err(|e| format!("building resolver: {e}"))
+    Ok(builder)
 }
 
 /// Why a lookup gave no answer. Every variant is temporary (RFC 7208 `temperror`).

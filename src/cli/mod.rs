@@ -88,6 +88,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Outbound TLS: reports (RFC 8460).
+    Tls {
+        #[command(subcommand)]
+        cmd: TlsCmd,
+    },
     /// DKIM key management.
     Dkim {
         #[command(subcommand)]
@@ -100,6 +105,20 @@ pub enum Command {
     },
     /// Counters and sizes.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TlsCmd {
+    /// Today's TLS-RPT aggregate per destination domain, as its report would say.
+    Report {
+        #[arg(long)]
+        domain: Option<String>,
+        /// Send every report due now, today's included (then today starts afresh).
+        #[arg(long)]
+        send: bool,
         #[arg(long)]
         json: bool,
     },
@@ -440,6 +459,13 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
             }
         },
         Command::Dns { domain, json } => (Request::DnsCheck { domain }, json, output::Kind::Dns),
+        Command::Tls {
+            cmd: TlsCmd::Report { domain, send, json },
+        } => (
+            Request::TlsReport { domain, send },
+            json,
+            output::Kind::TlsReport,
+        ),
         Command::Dkim {
             cmd:
                 DkimCmd::Keygen {

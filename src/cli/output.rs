@@ -27,6 +27,7 @@ pub enum Kind {
     PoolList,
     PoolShow,
     Dns,
+    TlsReport,
     Done,
     Json,
 }
@@ -189,6 +190,7 @@ fn render(out: &mut String, d: &Value, kind: Kind) -> ExitCode {
         }
         Kind::PoolShow => out.push_str(&clean_text(d["message"].as_str().unwrap_or(""))),
         Kind::Dns => return dns(out, d),
+        Kind::TlsReport => tls_report(out, d),
         Kind::Done => out.push_str("ok\n"),
         Kind::Json => unreachable!("printed as JSON above"),
     }
@@ -319,13 +321,21 @@ fn dns(out: &mut String, d: &Value) -> ExitCode {
         }
     );
     for c in d["checks"].as_array().into_iter().flatten() {
-        let status = if c["ok"].as_bool() == Some(true) {
-            "ok"
-        } else {
-            "PROBLEM"
+        let optional = c["optional"].as_bool() == Some(true);
+        let found = c["found"].as_array().is_some_and(|f| !f.is_empty());
+        let status = match (c["ok"].as_bool() == Some(true), optional, found) {
+            (false, _, _) => "PROBLEM",
+            (true, true, false) => "optional",
+            _ => "ok",
         };
         let _ = writeln!(out, "{:<5} {:<40} {status}", s(&c["kind"]), s(&c["name"]));
-        let _ = writeln!(out, "      want:  {}", s(&c["want"]));
+        let _ = writeln!(
+            out,
+            "      want:  {}",
+            clean_text(c["want"].as_str().unwrap_or("-"))
+                .trim_end()
+                .replace('\n', "\n             ")
+        );
         for f in c["found"].as_array().into_iter().flatten() {
             let _ = writeln!(out, "      found: {}", s(f));
         }
@@ -337,6 +347,45 @@ fn dns(out: &mut String, d: &Value) -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// `tenso tls report`: one block per destination domain and policy.
+fn tls_report(out: &mut String, d: &Value) {
+    if let Some(ids) = d["queued"].as_array() {
+        let _ = writeln!(out, "{} report(s) queued", ids.len());
+        for id in ids {
+            let _ = writeln!(out, "  {}", s(id));
+        }
+        return;
+    }
+    let _ = writeln!(out, "TLS sessions on {} (UTC):", s(&d["day"]));
+    let reports = d["reports"].as_array().cloned().unwrap_or_default();
+    if reports.is_empty() {
+        out.push_str("  none counted yet\n");
+    }
+    for r in &reports {
+        for p in r["policies"].as_array().into_iter().flatten() {
+            let pol = &p["policy"];
+            let _ = writeln!(
+                out,
+                "{}  policy {}  successful {}  failed {}",
+                s(&pol["policy-domain"]),
+                s(&pol["policy-type"]),
+                s(&p["summary"]["total-successful-session-count"]),
+                s(&p["summary"]["total-failure-session-count"]),
+            );
+            for f in p["failure-details"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "  {:>6} × {} at {} ({})",
+                    s(&f["failed-session-count"]),
+                    s(&f["result-type"]),
+                    s(&f["receiving-mx-hostname"]),
+                    s(&f["failure-reason-code"]),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -101,6 +101,12 @@ pub enum Request {
     DnsCheck {
         domain: Option<String>,
     },
+    /// Today's TLS-RPT aggregate; with `send`, every report due now (today's too).
+    TlsReport {
+        domain: Option<String>,
+        #[serde(default)]
+        send: bool,
+    },
     Status,
     /// Forwards a pooled message to its alias's destinations ("not spam").
     PoolRelease {
@@ -460,6 +466,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
         }
         Request::PoolRelease { id } => release::release(ctx, &id).await,
         Request::SpamLearn { id, spam } => release::learn(ctx, &id, spam).await,
+        Request::TlsReport { domain, send } => tls_report(ctx, domain, send).await,
         Request::Status => Ok(json!({
             "daemon": ctx.queue.is_some(),
             "aliases": t.count(),
@@ -491,4 +498,27 @@ async fn set_held(ctx: &Ctx<'_>, id: &str, held: bool) -> Result<Value, String> 
         }
     }
     Ok(json!({ "id": id, "held": held }))
+}
+
+/// `tenso tls report`: today's counts, or (with `--send`) the reports made now and
+/// handed to the queue (without a daemon, they wait in the spool for the next start).
+async fn tls_report(ctx: &Ctx<'_>, domain: Option<String>, send: bool) -> Result<Value, String> {
+    let store = ctx.table.tls().map_err(|e| e.to_string())?;
+    let reports =
+        crate::delivery::tlsrpt::Reports::new(std::sync::Arc::new(ctx.cfg.clone()), store);
+    if !send {
+        return reports.today(domain.as_deref());
+    }
+    let resolver = crate::dns::build(ctx.cfg)?;
+    let signer = crate::signing::Signer::from_config(&ctx.cfg.dkim)?;
+    let queued = reports
+        .send_due(&resolver, ctx.spool, signer.as_ref(), true)
+        .await;
+    let ids: Vec<String> = queued.iter().map(|(e, _)| e.id.clone()).collect();
+    if let Some(q) = ctx.queue {
+        for (e, b) in queued {
+            q.enqueue(e, Some(b));
+        }
+    }
+    Ok(json!({ "queued": ids }))
 }

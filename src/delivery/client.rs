@@ -1,12 +1,14 @@
-//! One outbound SMTP session (mail-send underneath): connect, EHLO, STARTTLS by the
-//! configured mode, and transactions with per-recipient outcomes.
+//! One outbound SMTP session (mail-send underneath): connect, EHLO, STARTTLS as the
+//! TLS requirement of the attempt demands, and transactions with per-recipient
+//! outcomes.
 //!
 //! mail-send gives the building blocks; what it lacks is done here (CRATES.md):
 //! opportunistic STARTTLS with a clear-text retry, per-recipient replies (its
 //! `send()` stops at the first refused RCPT), PIPELINING of MAIL/RCPT/DATA, and a
 //! byte-exact DATA (its writer doubles a final CRLF). Nothing here decides retries.
 
-use crate::config::TlsMode;
+use super::certs::{CertCheck, Strictness, Trust};
+use super::tls_policy::{Requirement, Security, TlsParams};
 use crate::smtp::address::WirePath;
 use crate::smtp::codec::dot_stuff;
 use mail_send::SmtpClient;
@@ -16,7 +18,6 @@ use smtp_proto::{
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 /// The result for one recipient of a transaction.
@@ -65,8 +66,8 @@ pub enum SessionError {
     Connect(String),
     /// The server refused us (greeting/EHLO); temporary unless it said 5xx.
     Refused { permanent: bool, text: String },
-    /// TLS was required and could not be had.
-    Tls(String),
+    /// TLS was required and could not be had (text, TLS-RPT result type).
+    Tls(String, &'static str),
     /// The connection broke.
     Io(String),
 }
@@ -74,7 +75,9 @@ pub enum SessionError {
 impl std::fmt::Display for SessionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SessionError::Connect(t) | SessionError::Io(t) | SessionError::Tls(t) => f.write_str(t),
+            SessionError::Connect(t) | SessionError::Io(t) | SessionError::Tls(t, _) => {
+                f.write_str(t)
+            }
             SessionError::Refused { text, .. } => f.write_str(text),
         }
     }
@@ -92,6 +95,10 @@ pub struct Session {
     pub max_size: usize,
     pub host: String,
     pub addr: SocketAddr,
+    /// Our end of the connection (TLS-RPT `sending-mta-ip`).
+    pub local: Option<std::net::IpAddr>,
+    /// What the session proved: decides which mail may reuse it.
+    pub security: Security,
 }
 
 /// Timeouts and names for opening sessions.
@@ -161,64 +168,106 @@ where
     }
 }
 
-/// Opens a session to `addr` with the TLS mode: opportunistic (STARTTLS when offered,
-/// certificate not verified, clear text if the handshake fails), required (STARTTLS
-/// must succeed — like Postfix's `encrypt` level, no certificate check), or none.
+/// Opens a session to `addr` that meets `req`: clear text for `None`; STARTTLS when
+/// offered for `Opportunistic` (any certificate, clear text again if the handshake
+/// fails); STARTTLS that must succeed for the others, with the certificate checked
+/// as the requirement says (nothing for `Encrypt`, WebPKI for `Verify`, TLSA for
+/// `Dane`). Whatever the level, the session records what its certificate proved.
 pub async fn open(
     addr: SocketAddr,
     host: &str,
-    mode: TlsMode,
-    tls: &TlsConnector,
+    req: &Requirement,
+    trust: &Trust,
     p: &Params<'_>,
 ) -> Result<Session, SessionError> {
     let (c, caps, size) = greet(addr, p).await?;
     let offered = caps & EXT_START_TLS != 0;
-    if mode == TlsMode::None || !offered {
-        if mode == TlsMode::Required {
-            return Err(SessionError::Tls(format!(
-                "{host} does not offer STARTTLS (tls = required)"
-            )));
+    if *req == Requirement::None || !offered {
+        if req.needs_tls() {
+            return Err(SessionError::Tls(
+                format!("{host} does not offer STARTTLS (TLS is required)"),
+                "starttls-not-supported",
+            ));
         }
-        return Ok(Session {
-            conn: Conn::Plain(c),
-            caps,
-            max_size: size,
-            host: host.into(),
-            addr,
-        });
+        let tried = *req != Requirement::None;
+        return Ok(Session::plain(c, caps, size, host, addr, tried));
     }
+    let strictness = match req {
+        Requirement::Verify => Strictness::WebPki,
+        Requirement::Dane(set) => Strictness::Dane(set.records.clone()),
+        _ => Strictness::Record,
+    };
+    let (connector, check) = trust
+        .connector(strictness)
+        .map_err(|e| SessionError::Tls(e, "validation-failure"))?;
     let sni = if host.parse::<std::net::IpAddr>().is_ok() || host.contains('.') {
         host
     } else {
         "localhost"
     };
-    match c.start_tls(tls, sni).await {
+    match c.start_tls(&connector, sni).await {
         Ok(mut t) => {
             t.timeout = p.command_timeout;
             let (caps, size) = ehlo(&mut t, p.helo_name).await?;
+            let check = check.lock().clone();
+            let security = tls_security(t.tls_connection(), &check, req);
+            let local = t.stream.get_ref().0.local_addr().ok().map(|a| a.ip());
             Ok(Session {
                 conn: Conn::Tls(Box::new(t)),
                 caps,
                 max_size: size,
                 host: host.into(),
                 addr,
+                local,
+                security,
             })
         }
-        Err(e) if mode == TlsMode::Opportunistic => {
+        Err(e) if !req.needs_tls() => {
             tracing::info!(host, %addr, error = %err_text(&e), "STARTTLS failed, retrying in clear text");
             let (c, caps, size) = greet(addr, p).await?;
-            Ok(Session {
-                conn: Conn::Plain(c),
-                caps,
-                max_size: size,
-                host: host.into(),
-                addr,
-            })
+            Ok(Session::plain(c, caps, size, host, addr, true))
         }
-        Err(e) => Err(SessionError::Tls(format!(
-            "STARTTLS with {host} failed: {}",
-            err_text(&e)
-        ))),
+        Err(e) => {
+            let check = check.lock().clone();
+            let (kind, why) = tls_failure(&check, req);
+            Err(SessionError::Tls(
+                format!("STARTTLS with {host} failed: {why}{}", err_text(&e)),
+                kind,
+            ))
+        }
+    }
+}
+
+/// What a completed handshake proved.
+fn tls_security(conn: &rustls::ClientConnection, check: &CertCheck, req: &Requirement) -> Security {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => "TLS".to_string(),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_default();
+    let dane = match (req, &check.dane) {
+        (Requirement::Dane(set), Some(Ok(()))) => Some(set.fingerprint),
+        _ => None,
+    };
+    Security {
+        tls: Some(TlsParams { version, cipher }),
+        starttls_tried: true,
+        webpki: check.webpki.clone(),
+        dane,
+    }
+}
+
+/// The TLS-RPT result type and a reason prefix for a failed mandatory handshake.
+fn tls_failure(check: &CertCheck, req: &Requirement) -> (&'static str, String) {
+    match (req, &check.dane, &check.webpki) {
+        (Requirement::Dane(_), Some(Err(e)), _) => ("tlsa-invalid", format!("{e}: ")),
+        (Requirement::Verify, _, Some(Err(f))) => (f.result_type(), format!("{f}: ")),
+        _ => ("validation-failure", String::new()),
     }
 }
 
@@ -249,8 +298,38 @@ pub fn xtext(s: &str) -> String {
 }
 
 impl Session {
+    fn plain(
+        c: SmtpClient<TcpStream>,
+        caps: u32,
+        max_size: usize,
+        host: &str,
+        addr: SocketAddr,
+        starttls_tried: bool,
+    ) -> Session {
+        Session {
+            local: c.stream.local_addr().ok().map(|a| a.ip()),
+            conn: Conn::Plain(c),
+            caps,
+            max_size,
+            host: host.into(),
+            addr,
+            security: Security {
+                starttls_tried,
+                ..Security::default()
+            },
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self.conn, Conn::Tls(_))
+    }
+
+    /// `TLSv1.3 TLS13_AES_256_GCM_SHA384` or `plain`, for log lines.
+    pub fn tls_summary(&self) -> String {
+        match &self.security.tls {
+            Some(t) => format!("{} {}", t.version, t.cipher),
+            None => "plain".into(),
+        }
     }
 
     async fn cmds(&mut self, cmds: &[String]) -> Result<Vec<Response<String>>, mail_send::Error> {

@@ -24,6 +24,9 @@ pub struct Check {
     pub found: Vec<String>,
     pub ok: bool,
     pub problem: Option<String>,
+    /// A recommendation (MTA-STS, TLS-RPT): never makes the report fail.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +103,7 @@ async fn dkim_check(resolver: &Resolver, s: &Signer, which: &str) -> Check {
         }),
         found,
         ok,
+        optional: false,
     }
 }
 
@@ -116,6 +120,7 @@ async fn domain_keys(cfg: &Config, resolver: &Resolver) -> Vec<Check> {
                 found: Vec::new(),
                 ok: false,
                 problem: Some(e),
+                optional: false,
             }];
         }
     };
@@ -175,6 +180,7 @@ pub async fn check(
             }),
             found,
             ok,
+            optional: false,
         });
         // SPF: every outbound address must pass for MAIL FROM:<alias@d>.
         let found: Vec<String> = txt(resolver, d)
@@ -217,7 +223,9 @@ pub async fn check(
             found,
             ok: problems.is_empty(),
             problem: (!problems.is_empty()).then(|| problems.join("; ")),
+            optional: false,
         });
+        checks.extend(inbound_tls(cfg, resolver, d).await);
     }
     if let Some(s) = signer {
         checks.push(dkim_check(resolver, s, "the configured [dkim] key").await);
@@ -229,4 +237,69 @@ pub async fn check(
         checks,
         ok,
     }
+}
+
+/// What an alias domain may publish so that senders protect mail to it (its inbound
+/// side, which is tenso): an MTA-STS record and policy (RFC 8461) naming the
+/// forwarder as MX — `enforce` only with a real certificate in `[tls]`, else
+/// `testing` — and a TLS-RPT record (RFC 8460) so senders report failures.
+async fn inbound_tls(cfg: &Config, resolver: &Resolver, d: &str) -> Vec<Check> {
+    let host = &cfg.hostname;
+    let mode = if cfg.tls.cert.is_some() {
+        "enforce"
+    } else {
+        "testing"
+    };
+    let policy = format!("version: STSv1\nmode: {mode}\nmx: {host}\nmax_age: 604800\n");
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, policy.as_bytes());
+    let id: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let optional = |kind, name: String, want: String, found: Vec<String>, missing: String| Check {
+        kind,
+        problem: found.is_empty().then_some(missing),
+        name,
+        want,
+        found,
+        ok: true,
+        optional: true,
+    };
+    let sts = format!("_mta-sts.{d}");
+    let rpt = format!("_smtp._tls.{d}");
+    let sts_found = txt(resolver, &sts).await;
+    let rpt_found = txt(resolver, &rpt).await;
+    vec![
+        optional(
+            "MTA-STS",
+            sts.clone(),
+            format!("{sts}. IN TXT \"v=STSv1; id={id}\""),
+            sts_found
+                .into_iter()
+                .filter(|t| t.starts_with("v=STSv1"))
+                .collect(),
+            "not published (optional; change the id whenever the policy changes)".into(),
+        ),
+        Check {
+            kind: "MTA-STS policy",
+            name: format!("https://mta-sts.{d}/.well-known/mta-sts.txt"),
+            want: policy,
+            found: Vec::new(),
+            ok: true,
+            problem: Some(format!(
+                "serve this file (text/plain) at mta-sts.{d} over HTTPS with a certificate valid for that name"
+            )),
+            optional: true,
+        },
+        optional(
+            "TLS-RPT",
+            rpt.clone(),
+            format!("{rpt}. IN TXT \"v=TLSRPTv1; rua=mailto:postmaster@{d}\""),
+            rpt_found
+                .into_iter()
+                .filter(|t| t.starts_with("v=TLSRPTv1"))
+                .collect(),
+            "not published (optional)".into(),
+        ),
+    ]
 }

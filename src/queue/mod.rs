@@ -385,7 +385,8 @@ async fn run(
 }
 
 /// One outcome of an attempt: the recipient's index, what happened, the host.
-type Result1 = (usize, Outcome, Option<String>);
+/// (recipient, outcome, remote MTA, TLS of the session)
+type Result1 = (usize, Outcome, Option<String>, Option<String>);
 
 impl Worker {
     fn retry_delay_ms(&self, attempts: u32) -> i64 {
@@ -427,7 +428,14 @@ impl Worker {
                 let why = format!("cannot read the queued message: {e}");
                 let results = due
                     .iter()
-                    .map(|&i| (i, Outcome::Deferred("4.3.0".into(), why.clone()), None))
+                    .map(|&i| {
+                        (
+                            i,
+                            Outcome::Deferred("4.3.0".into(), why.clone()),
+                            None,
+                            None,
+                        )
+                    })
                     .collect();
                 (Arc::new(Vec::new()), results)
             }
@@ -451,7 +459,7 @@ impl Worker {
                     Ok(id) => Outcome::Delivered(format!("stored in local pool {pool} as {id}")),
                     Err(e) => Outcome::Deferred("4.3.0".into(), format!("pool write failed: {e}")),
                 };
-                results.push((i, o, None));
+                results.push((i, o, None, None));
             }
         }
         results
@@ -524,7 +532,7 @@ impl Worker {
             match res {
                 Ok((idx, report)) => {
                     for (k, o) in report.outcomes.into_iter().enumerate() {
-                        results.push((idx[k], o, report.remote_mta.clone()));
+                        results.push((idx[k], o, report.remote_mta.clone(), report.tls.clone()));
                     }
                 }
                 Err(e) => tracing::error!(queue_id = %env.id, error = %e, "delivery task failed"),
@@ -565,13 +573,13 @@ impl Worker {
         let lifetime_end = env.arrival * 1000 + self.cfg.queue.max_lifetime.as_millis() as i64;
         let mut failed = Vec::new();
         let mut forwarded = Vec::new();
-        for (i, outcome, mta) in results {
+        for (i, outcome, mta, tls) in results {
             let r = &mut env.rcpts[i];
             r.remote_mta = mta.or(r.remote_mta.take());
             match outcome {
                 Outcome::Delivered(reply) => {
                     handle.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(queue_id = %env.id, from = %r.mail_from, to = %r.dest, relay = ?r.remote_mta, reply = %reply, "delivered");
+                    tracing::info!(queue_id = %env.id, from = %r.mail_from, to = %r.dest, relay = ?r.remote_mta, tls = tls.as_deref().unwrap_or("-"), reply = %reply, "delivered");
                     r.state = RcptState::Delivered;
                     r.last = Some(reply);
                     r.status = Some("2.0.0".into());

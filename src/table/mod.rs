@@ -14,6 +14,7 @@
 pub mod fwdlog;
 pub mod import;
 pub mod logins;
+pub mod tls;
 
 use crate::config::{BouncePolicy, SpamPolicy};
 use crate::smtp::address::{Mailbox, check_alias};
@@ -302,6 +303,11 @@ impl Table {
     /// Submission logins (same database, own tree).
     pub fn logins(&self) -> Result<logins::Logins, TableError> {
         logins::Logins::open(&self.db, &self.aliases)
+    }
+
+    /// The outbound TLS state: MTA-STS policies and TLS-RPT counts (own trees).
+    pub fn tls(&self) -> Result<tls::TlsStore, TableError> {
+        tls::TlsStore::open(&self.db)
     }
 
     /// The correlation log of forwarded copies (same database, own trees).

@@ -226,7 +226,7 @@ impl TestDnsBuilder {
     /// Binds UDP and TCP on the same 127.0.0.1 ephemeral port and starts serving.
     pub async fn start(self) -> TestDns {
         let mut zone =
-            InMemoryZoneHandler::empty(Name::root(), ZoneType::Primary, AxfrPolicy::Deny);
+            InMemoryZoneHandler::empty(Name::root(), ZoneType::Primary, AxfrPolicy::Deny, None);
         // SOA minimum (negative-caching TTL) of 1 s keeps NXDOMAIN/NODATA from being cached long.
         let soa = SOA::new(
             fqdn("ns.test"),

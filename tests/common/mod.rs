@@ -2,6 +2,7 @@
 //!
 //! Include it from a test file with `mod common;` and use the parts you need:
 //! - [`dns`]: an in-process authoritative DNS server (hickory-server) with a builder API;
+//! - [`dnssec`]: a DNSSEC-signed test zone and its trust anchor (DANE tests);
 //! - [`tls`]: a throw-away PKI (rcgen) and rustls configs;
 //! - [`sink`]: a recording SMTP server with configurable capabilities and replies;
 //! - [`smtp_client`]: a raw SMTP client for byte-exact conversations;
@@ -15,6 +16,7 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod dnssec;
 pub mod postfix_sink;
 pub mod rspamd;
 pub mod sink;
