@@ -15,6 +15,8 @@ pub mod stream;
 pub mod submission;
 pub mod tls;
 
+pub use session::parse_command;
+
 use crate::bounce::Bounce;
 use crate::config::Config;
 use crate::policy::Auth;
