@@ -259,6 +259,13 @@ async fn table_copy_round_trip_loses_no_field() {
     send(&one, "", &["p@alias.test"], &dsn).await;
     let before_pool = pool_list(&one, None).await;
     assert_eq!(before_pool.len(), 1);
+    // A submission login (its Argon2id hash travels as stored).
+    one.cli_ok(&["user", "passwd", "p@alias.test", "--generate"])
+        .await;
+    let before_show = one
+        .cli_ok(&["user", "show", "p@alias.test", "--json"])
+        .await;
+    assert!(before_show.contains("\"login\": true"), "{before_show}");
     let before_users = one.cli_ok(&["user", "list", "--json"]).await;
     let before_domains = one.cli_ok(&["domain", "list", "--json"]).await;
     one.stop().await;
@@ -271,6 +278,7 @@ async fn table_copy_round_trip_loses_no_field() {
     assert_eq!(report["aliases"], 4, "{report}");
     assert_eq!(report["domains"], 1, "{report}");
     assert_eq!(report["pool"], 1, "{report}");
+    assert_eq!(report["logins"], 1, "{report}");
 
     // The same data dir, now on postgres: the same answers.
     let pg_cfg = std::fs::read_to_string(one.config_path())
@@ -285,9 +293,10 @@ async fn table_copy_round_trip_loses_no_field() {
     );
     assert_eq!(rcpt_code(&one, "anyone@catch.test").await.0, 250);
     assert_eq!(pool_list(&one, None).await, before_pool);
-    let health = one
+    let shown = one
         .cli_ok(&["user", "show", "p@alias.test", "--json"])
         .await;
+    assert_eq!(shown, before_show);
     // A change made on postgres, then back to a fresh sled table.
     one.cli_ok(&["user", "add", "new@alias.test", "n@dest.test"])
         .await;
@@ -302,6 +311,7 @@ async fn table_copy_round_trip_loses_no_field() {
         .await;
     assert_eq!(back["aliases"], 5, "{back}");
     assert_eq!(back["pool"], 1, "{back}");
+    assert_eq!(back["logins"], 1, "{back}");
     std::fs::write(
         one.config_path(),
         pg_cfg.replace("backend = \"postgres\"\n", ""),
@@ -313,14 +323,14 @@ async fn table_copy_round_trip_loses_no_field() {
     assert_eq!(
         one.cli_ok(&["user", "show", "p@alias.test", "--json"])
             .await,
-        health
+        before_show
     );
     assert_eq!(
         one.cli_ok(&["domain", "list", "--json"]).await,
         before_domains
     );
     let migrate = one.cli_ok(&["table", "migrate"]).await;
-    assert!(migrate.contains("version 4"), "{migrate}");
+    assert!(migrate.contains("version 5"), "{migrate}");
 }
 
 /// The shared pool's own rules against the real database, in process: the per-alias
@@ -341,7 +351,7 @@ fn shared_pool_limits_and_maildir_export() {
         ..Default::default()
     };
     let store = tenso::table::pg::PgStore::open(&cfg).unwrap();
-    assert_eq!(store.migrate().unwrap(), 4);
+    assert_eq!(store.migrate().unwrap(), 5);
     let root = dir.path().join("pool");
     let pool =
         Pool::new(root.clone(), tenso::disk::PRIVATE, "node-a", 2, 1 << 20).shared(store.clone());

@@ -1,7 +1,7 @@
 //! `tenso table copy`: moves a whole table between the two stores (sled ⇄ PostgreSQL)
 //! without losing a field — aliases (their stored JSON as it is: destinations, bounce
 //! and spam policy, state, times), explicitly added domains, destination health and
-//! the bounce correlation log.
+//! the bounce correlation log and the submission logins.
 //!
 //! Entries already in the target with the same alias are replaced; nothing in the
 //! target is removed. Node-local state (the outbound TLS cache and reports, queues)
@@ -18,6 +18,8 @@ pub struct CopyReport {
     pub domains: usize,
     pub health: usize,
     pub fwdlog: usize,
+    /// Submission logins (their Argon2id hashes, as stored).
+    pub logins: usize,
     /// Pooled bounces (copied by the caller, which owns the pools).
     pub pool: usize,
 }
@@ -39,6 +41,12 @@ pub fn copy(from: &Table, to: &Table) -> Result<CopyReport, TableError> {
     for (k, list) in src.all_health()? {
         dst.put_health(&k, &list)?;
         report.health += 1;
+    }
+    let logins_to = to.logins()?;
+    for (k, record) in from.logins()?.all()? {
+        if logins_to.put_raw(&k, &record)? {
+            report.logins += 1;
+        }
     }
     let log_to = to.fwdlog()?;
     for rec in from.fwdlog()?.all()? {

@@ -20,6 +20,7 @@
 pub mod copy;
 pub mod fwdlog;
 pub mod import;
+pub mod logins;
 pub mod pg;
 pub mod store;
 pub mod tls;
@@ -370,6 +371,14 @@ impl Table {
                 }
                 e => TableError::Storage(e),
             })
+    }
+
+    /// Submission logins: beside the aliases, in the same store.
+    pub fn logins(&self) -> Result<logins::Logins, TableError> {
+        match &self.store {
+            Store::Sled(s) => logins::Logins::open(&self.db, &s.aliases),
+            Store::Pg(p) => Ok(logins::Logins::shared(p.clone())),
+        }
     }
 
     /// The outbound TLS state: MTA-STS policies and TLS-RPT counts (own trees).
@@ -745,6 +754,8 @@ impl Table {
         if !self.store.remove(&name.key())? {
             return Err(TableError::NotFound(name.to_string()));
         }
+        // A removed alias can no longer send as itself either.
+        self.logins()?.forget(&name.key())?;
         self.changed(&name.key(), true)?;
         Ok(())
     }

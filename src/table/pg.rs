@@ -106,6 +106,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER domains_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON domains
         FOR EACH STATEMENT EXECUTE FUNCTION tenso_bump();
     "#,
+    // 5: submission logins (an Argon2id hash per alias), gone with their alias.
+    r#"
+    CREATE TABLE logins (
+        domain text COLLATE "C" NOT NULL,
+        local text COLLATE "C" NOT NULL,
+        login text NOT NULL,
+        PRIMARY KEY (domain, local),
+        FOREIGN KEY (domain, local) REFERENCES aliases ON DELETE CASCADE
+    );
+    "#,
 ];
 
 /// Arbitrary, fixed: the advisory lock that serializes migrations across nodes.
@@ -1004,6 +1014,73 @@ impl PgStore {
                 .get(0);
             Ok(n as usize)
         })
+    }
+}
+
+/// Submission logins (see `logins`): the stored JSON per alias key.
+impl PgStore {
+    /// Sets the login of an existing alias; false when there is no such alias.
+    pub fn login_set(&self, key: &[u8], login: String) -> Result<bool, TableError> {
+        let (d, l) = split_key(key);
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let n = c
+                .execute(
+                    "INSERT INTO logins SELECT domain, local, $3 FROM aliases \
+                     WHERE domain = $1 AND local = $2 \
+                     ON CONFLICT (domain, local) DO UPDATE SET login = excluded.login",
+                    &[&d, &l, &login],
+                )
+                .await
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn login_remove(&self, key: &[u8]) -> Result<bool, TableError> {
+        let (d, l) = split_key(key);
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let n = c
+                .execute(
+                    "DELETE FROM logins WHERE domain = $1 AND local = $2",
+                    &[&d, &l],
+                )
+                .await
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn login_get(&self, key: &[u8]) -> Result<Option<String>, TableError> {
+        let (d, l) = split_key(key);
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_opt(
+                    "SELECT login FROM logins WHERE domain = $1 AND local = $2",
+                    &[&d, &l],
+                )
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    pub fn login_all(&self) -> Result<Vec<(Vec<u8>, String)>, TableError> {
+        let rows = self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            c.query(
+                "SELECT domain, local, login FROM logins ORDER BY domain, local",
+                &[],
+            )
+            .await
+            .map_err(db)
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| (super::key(r.get(0), r.get(1)), r.get(2)))
+            .collect())
     }
 }
 
