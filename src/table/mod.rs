@@ -13,6 +13,7 @@
 
 pub mod fwdlog;
 pub mod import;
+pub mod probe;
 pub mod tls;
 
 use crate::config::{BouncePolicy, SpamPolicy};
@@ -242,6 +243,8 @@ pub struct Table {
     domains: sled::Tree,
     /// alias key → its destinations' health (JSON list, at most MAX_HEALTH).
     health: sled::Tree,
+    /// The reachability probe's own key (see [`probe`]).
+    probe: sled::Tree,
     separator: Option<char>,
     max_depth: usize,
     /// Local domains → "has a catch-all", kept in memory: every RCPT asks, the set is
@@ -292,6 +295,7 @@ impl Table {
             aliases: db.open_tree("aliases")?,
             domains: db.open_tree("domains")?,
             health: db.open_tree("health")?,
+            probe: db.open_tree("probe")?,
             db,
             separator,
             max_depth,
@@ -358,6 +362,16 @@ impl Table {
         self.changed();
         self.db.flush()?;
         self.local_domains()?;
+        Ok(())
+    }
+
+    /// One write and one flush of a key of its own (the time): what sled needs to
+    /// confirm a change. Fails when the disk refuses writes (full, read-only, I/O
+    /// errors); after such an error sled refuses everything until restarted.
+    pub fn probe(&self) -> Result<(), TableError> {
+        self.probe
+            .insert(b"probe", &crate::time::unix_now().to_be_bytes())?;
+        self.db.flush()?;
         Ok(())
     }
 
@@ -438,8 +452,17 @@ impl Table {
 
     /// What RCPT needs in one call: the matching entry, or whether the domain is
     /// ours at all. A match proves the domain is local, so the common case (a known
-    /// alias) costs one read.
+    /// alias) costs one read. Timed for `tenso_table_lookup_seconds`.
     pub fn lookup_rcpt(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
+        let started = std::time::Instant::now();
+        let r = self.lookup_rcpt_inner(rcpt);
+        crate::metrics::metrics()
+            .table
+            .observe(crate::metrics::since(started));
+        r
+    }
+
+    fn lookup_rcpt_inner(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
         if let Some(f) = self.resolve(rcpt)? {
             return Ok(RcptLookup::Found(f));
         }
