@@ -245,6 +245,8 @@ pub struct Table {
     health: sled::Tree,
     /// The reachability probe's own key (see [`probe`]).
     probe: sled::Tree,
+    /// Where the store lives (the probe also writes a file here).
+    dir: std::path::PathBuf,
     separator: Option<char>,
     max_depth: usize,
     /// Local domains → "has a catch-all", kept in memory: every RCPT asks, the set is
@@ -296,6 +298,7 @@ impl Table {
             domains: db.open_tree("domains")?,
             health: db.open_tree("health")?,
             probe: db.open_tree("probe")?,
+            dir: dir.to_path_buf(),
             db,
             separator,
             max_depth,
@@ -365,14 +368,24 @@ impl Table {
         Ok(())
     }
 
-    /// One write and one flush of a key of its own (the time): what sled needs to
-    /// confirm a change. Fails when the disk refuses writes (full, read-only, I/O
-    /// errors); after such an error sled refuses everything until restarted.
+    /// Can the store still confirm a change? One write and one flush of a key of its
+    /// own (the time), then one page written and fsynced in a file beside sled's. The
+    /// file is needed because sled writes into log segments it allocated earlier: a
+    /// full disk shows in its flush only when a segment runs out — and then sled
+    /// refuses everything until restarted. The page finds a full, read-only or
+    /// failing file system first.
     pub fn probe(&self) -> Result<(), TableError> {
         self.probe
             .insert(b"probe", &crate::time::unix_now().to_be_bytes())?;
         self.db.flush()?;
-        Ok(())
+        let path = self.dir.join("tenso-probe.tmp");
+        let written =
+            crate::disk::create_file(&path, crate::disk::PRIVATE, true).and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &[0u8; 4096])?;
+                f.sync_all()
+            });
+        let _ = std::fs::remove_file(&path);
+        written.map_err(|e| TableError::Invalid(format!("{}: {e}", path.display())))
     }
 
     fn get_raw(&self, domain: &str, local: &str) -> Result<Option<AliasEntry>, TableError> {
