@@ -145,6 +145,37 @@ async fn assert_status_matches(t: &Tenso, m: &BTreeMap<String, f64>) {
     assert!(checked > 40, "only {checked} counters in tenso status?");
 }
 
+/// Every metric the Grafana dashboard in deploy/ queries is one tenso serves.
+fn assert_dashboard_names_exist(m: &BTreeMap<String, f64>) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/tenso-dashboard.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut names = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for (i, _) in expr.match_indices("tenso_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.push(name);
+            }
+        }
+    }
+    assert!(names.len() > 20, "{names:?}");
+    for n in names {
+        assert!(
+            m.keys()
+                .any(|k| k == &n || k.starts_with(&format!("{n}{{"))),
+            "the dashboard queries {n}, which /metrics lacks"
+        );
+    }
+}
+
 #[tokio::test]
 async fn metrics_follow_one_message_and_agree_with_status() {
     let dns = dns().await;
@@ -221,6 +252,7 @@ async fn metrics_follow_one_message_and_agree_with_status() {
         ) >= 1.0
     );
     assert_status_matches(&t, &after).await;
+    assert_dashboard_names_exist(&after);
     // Connections: the SMTP client has gone (the gauge follows when its task ends).
     let gone = wait_until(WAIT, || async {
         (value(&scrape(addr).await, "tenso_inbound_connections") == 0.0).then_some(())
