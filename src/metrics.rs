@@ -414,6 +414,49 @@ mod tests {
         assert_eq!(m.health(), Ok(()));
     }
 
+    proptest::proptest! {
+        /// Whatever names and values `tenso status` holds, each leaf comes out as one
+        /// `tenso_<group>_<name>_total <value>` line whose name is a legal metric
+        /// name, and every line is a comment or `name[{labels}] value`.
+        #[test]
+        fn any_status_encodes_to_legal_lines(
+            groups in proptest::collection::btree_map(
+                "[a-z][a-z0-9_.-]{0,8}",
+                proptest::collection::btree_map("[a-zA-Z0-9_. -]{1,8}", proptest::num::u64::ANY, 0..4),
+                0..4,
+            )
+        ) {
+            let m = Metrics::new();
+            let g2 = groups.clone();
+            m.set_status(Arc::new(move || serde_json::json!(g2)));
+            let text = m.encode();
+            let name = regex_lite_name;
+            for line in text.lines().filter(|l| !l.starts_with('#')) {
+                let (series, value) = line.rsplit_once(' ').expect("name value");
+                let bare = series.split('{').next().unwrap();
+                proptest::prop_assert!(name(bare), "bad name in {:?}", line);
+                proptest::prop_assert!(value.parse::<f64>().is_ok() || value == "+Inf", "{:?}", line);
+            }
+            for (g, leaves) in &groups {
+                if g == "tls" || g == "maps" {
+                    continue;
+                }
+                for (n, v) in leaves {
+                    let want = format!("tenso_{}_{}_total {v}", sanitize(g), sanitize(n));
+                    proptest::prop_assert!(text.lines().any(|l| l == want), "{} missing", want);
+                }
+            }
+        }
+    }
+
+    /// `[a-zA-Z_:][a-zA-Z0-9_:]*`, the text format's metric name.
+    fn regex_lite_name(s: &str) -> bool {
+        let mut c = s.chars();
+        c.next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+    }
+
     #[test]
     fn sanitize_keeps_only_name_characters() {
         assert_eq!(sanitize("dane.ok-1"), "dane_ok_1");
