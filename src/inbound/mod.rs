@@ -13,6 +13,8 @@ mod spam;
 pub mod stream;
 pub mod tls;
 
+pub use session::parse_command;
+
 use crate::bounce::Bounce;
 use crate::config::Config;
 use crate::policy::Auth;
