@@ -12,6 +12,27 @@ use crate::spool::{Envelope, MessageKind, Rcpt, RcptState};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+/// The reply to a message the DATA decoder refused (the same on every port).
+pub(super) fn data_error_reply(err: DataError, max_size: usize) -> Reply {
+    match err {
+        DataError::TooBig => Reply::new(
+            552,
+            "5.3.4",
+            format!("message exceeds fixed maximum size of {max_size} bytes"),
+        ),
+        DataError::LineTooLong => Reply::new(
+            554,
+            "5.6.0",
+            "message refused: a line is longer than 1000 octets (RFC 5321 4.5.3.1.6)",
+        ),
+        DataError::BareLf | DataError::BareCr => Reply::new(
+            554,
+            "5.6.0",
+            "message refused: bare CR or LF in data; lines must end with CRLF",
+        ),
+    }
+}
+
 impl Session {
     pub(super) fn handle_data(&mut self) {
         match &self.tx {
@@ -58,26 +79,7 @@ impl Session {
             if matches!(err, DataError::TooBig) {
                 self.ctx.counters.too_big.fetch_add(1, Ordering::Relaxed);
             }
-            let reply = match err {
-                DataError::TooBig => Reply::new(
-                    552,
-                    "5.3.4",
-                    format!(
-                        "message exceeds fixed maximum size of {} bytes",
-                        self.ctx.cfg.smtp.max_message_size
-                    ),
-                ),
-                DataError::LineTooLong => Reply::new(
-                    554,
-                    "5.6.0",
-                    "message refused: a line is longer than 1000 octets (RFC 5321 4.5.3.1.6)",
-                ),
-                DataError::BareLf | DataError::BareCr => Reply::new(
-                    554,
-                    "5.6.0",
-                    "message refused: bare CR or LF in data; lines must end with CRLF",
-                ),
-            };
+            let reply = data_error_reply(err, self.ctx.cfg.smtp.max_message_size);
             tracing::warn!(client = %client, size = dec.size, reply = %reply, "message refused");
             return self.reply(reply);
         }

@@ -13,6 +13,7 @@
 
 pub mod fwdlog;
 pub mod import;
+pub mod logins;
 pub mod probe;
 pub mod tls;
 
@@ -304,6 +305,11 @@ impl Table {
             max_depth,
             local: Arc::new(RwLock::new(DomainCache::default())),
         })
+    }
+
+    /// Submission logins (same database, own tree).
+    pub fn logins(&self) -> Result<logins::Logins, TableError> {
+        logins::Logins::open(&self.db, &self.aliases)
     }
 
     /// The outbound TLS state: MTA-STS policies and TLS-RPT counts (own trees).
@@ -642,6 +648,8 @@ impl Table {
             return Err(TableError::NotFound(name.to_string()));
         }
         self.health.remove(name.key())?;
+        // A removed alias can no longer send as itself either.
+        self.logins()?.forget(&name.key())?;
         self.flush()?;
         Ok(())
     }
