@@ -48,6 +48,37 @@ async fn rcpt_code(t: &Tenso, rcpt: &str) -> (u16, String) {
     (code, text)
 }
 
+/// The status code of `GET /health` on a node's metrics endpoint.
+async fn health(t: &Tenso) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = std::fs::read_to_string(t.data_dir().join("tenso.metrics"))
+        .expect("tenso.metrics")
+        .trim()
+        .parse()
+        .unwrap();
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("/health answers");
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+async fn wait_health(t: &Tenso, code: u16) {
+    common::wait_until(Duration::from_secs(30), || async {
+        (health(t).await == code).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("/health never answered {code}\nlog:\n{}", t.log()));
+}
+
 /// Polls RCPT until it gets `code`; returns how long after the start the RCPT that
 /// got it was sent, or panics when none did within `limit`.
 async fn wait_rcpt(t: &Tenso, rcpt: &str, code: u16, limit: Duration) -> Duration {
@@ -75,7 +106,11 @@ async fn two_nodes_share_one_table_and_survive_the_database_going_away() {
     let dir = tempfile::tempdir().unwrap();
     let table = table_section(&url, dir.path(), "view_grace = \"2s\"\nview_check = \"5s\"");
     // A exports the fleet's pool into its Maildir (for its IMAP server).
-    let a_extra = format!("{table}\n[pool]\nmaildir_export = \"500ms\"\n");
+    // A also serves /health (the table probe asks the database).
+    let a_extra = format!(
+        "{table}\n[pool]\nmaildir_export = \"500ms\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\ntable_probe = \"200ms\"\n"
+    );
     let a = Tenso::start(&config(&dns, sink.port(), &a_extra)).await;
     let b = Tenso::start(&config(&dns, sink.port(), &table)).await;
 
@@ -160,6 +195,7 @@ async fn two_nodes_share_one_table_and_survive_the_database_going_away() {
     assert_eq!(u["health"][0]["status"], "5.2.2", "{u}");
 
     // The database goes away: an unknown answer is 451, never 550.
+    wait_health(&a, 200).await;
     pg.stop();
     let (code, text) = rcpt_code(&a, "nobody-yet@alias.test").await;
     assert_eq!(code, 451, "{text}");
@@ -170,10 +206,12 @@ async fn two_nodes_share_one_table_and_survive_the_database_going_away() {
         a.wait_for_log("table change feed lost", Duration::from_secs(10))
             .await
     );
+    wait_health(&a, 503).await;
     // Back without a restart of either node.
     pg.start_server();
     wait_rcpt(&a, "anna@alias.test", 250, Duration::from_secs(30)).await;
     wait_rcpt(&b, "nobody-yet@alias.test", 550, Duration::from_secs(30)).await;
+    wait_health(&a, 200).await;
     add_alias(&b, "after@alias.test", &["after@dest.test"], "pool").await;
     wait_rcpt(&a, "after@alias.test", 250, Duration::from_secs(5)).await;
 

@@ -579,7 +579,13 @@ fn table_copy(
         ),
         t => t?,
     };
-    let pg = crate::table::Table::postgres_on(sled.node_db().clone(), sep, depth, &cfg.table)?;
+    let pg = crate::table::Table::postgres_on(
+        sled.node_db().clone(),
+        &cfg.table_dir(),
+        sep,
+        depth,
+        &cfg.table,
+    )?;
     pg.postgres().expect("postgres store").migrate()?;
     let maildir = crate::bounce::pool::Pool::new(
         cfg.pool_dir(),

@@ -22,6 +22,7 @@ pub mod fwdlog;
 pub mod import;
 pub mod logins;
 pub mod pg;
+pub mod probe;
 pub mod store;
 pub mod tls;
 pub mod view;
@@ -258,6 +259,10 @@ pub struct Table {
     /// The node's own sled database (node-local state, the data dir's lock).
     db: sled::Db,
     store: Store,
+    /// The reachability probe's own key (see [`probe`]).
+    probe: sled::Tree,
+    /// Where the node's sled database lives (the probe also writes a file here).
+    dir: std::path::PathBuf,
     separator: Option<char>,
     max_depth: usize,
     /// What RCPT reads from memory: local domains (every RCPT asks, the set is
@@ -285,6 +290,8 @@ impl Table {
         let db = Self::open_sled(dir, cache_bytes)?;
         Ok(Table {
             store: Store::Sled(SledStore::open(&db)?),
+            probe: db.open_tree("probe")?,
+            dir: dir.to_path_buf(),
             db,
             separator,
             max_depth,
@@ -303,13 +310,14 @@ impl Table {
         cfg: &crate::config::TableConfig,
     ) -> Result<Table, TableError> {
         let db = Self::open_sled(dir, cache_bytes)?;
-        Self::postgres_on(db, separator, max_depth, cfg)
+        Self::postgres_on(db, dir, separator, max_depth, cfg)
     }
 
     /// A PostgreSQL table beside an already open node database (`table copy` opens
     /// both stores of one data dir; sled's lock allows one opener).
     pub fn postgres_on(
         db: sled::Db,
+        dir: &Path,
         separator: Option<char>,
         max_depth: usize,
         cfg: &crate::config::TableConfig,
@@ -319,6 +327,8 @@ impl Table {
         pg.start_feed(view.clone());
         Ok(Table {
             store: Store::Pg(pg),
+            probe: db.open_tree("probe")?,
+            dir: dir.to_path_buf(),
             db,
             separator,
             max_depth,
@@ -443,6 +453,33 @@ impl Table {
             self.local_domains()?;
         }
         Ok(())
+    }
+
+    /// Can the store still confirm a change? One write and one flush of a key of its
+    /// own (the time), then one page written and fsynced in a file beside sled's. The
+    /// file is needed because sled writes into log segments it allocated earlier: a
+    /// full disk shows in its flush only when a segment runs out — and then sled
+    /// refuses everything until restarted. The page finds a full, read-only or
+    /// failing file system first.
+    ///
+    /// With the table in PostgreSQL, the database must also answer (`SELECT 1`
+    /// within `query_timeout`): a node that cannot reach it answers RCPT with 451,
+    /// so a load balancer should send clients elsewhere.
+    pub fn probe(&self) -> Result<(), TableError> {
+        if let Store::Pg(p) = &self.store {
+            p.ping()?;
+        }
+        self.probe
+            .insert(b"probe", &crate::time::unix_now().to_be_bytes())?;
+        self.db.flush()?;
+        let path = self.dir.join("tenso-probe.tmp");
+        let written =
+            crate::disk::create_file(&path, crate::disk::PRIVATE, true).and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &[0u8; 4096])?;
+                f.sync_all()
+            });
+        let _ = std::fs::remove_file(&path);
+        written.map_err(|e| TableError::Invalid(format!("{}: {e}", path.display())))
     }
 
     /// One alias entry, from the view when it knows, else from the store.
@@ -580,8 +617,17 @@ impl Table {
 
     /// What RCPT needs in one call: the matching entry, or whether the domain is
     /// ours at all. A match proves the domain is local, so the common case (a known
-    /// alias) costs one read.
+    /// alias) costs one read. Timed for `tenso_table_lookup_seconds`.
     pub fn lookup_rcpt(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
+        let started = std::time::Instant::now();
+        let r = self.lookup_rcpt_inner(rcpt);
+        crate::metrics::metrics()
+            .table
+            .observe(crate::metrics::since(started));
+        r
+    }
+
+    fn lookup_rcpt_inner(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
         if let Some(f) = self.resolve(rcpt)? {
             return Ok(RcptLookup::Found(f));
         }

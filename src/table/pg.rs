@@ -279,6 +279,15 @@ impl PgStore {
         r
     }
 
+    /// Does the database answer? (The reachability probe of `/health`.)
+    pub fn ping(&self) -> Result<(), TableError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            c.execute("SELECT 1", &[]).await.map_err(db)?;
+            Ok(())
+        })
+    }
+
     /// Creates or upgrades the schema; returns the version now in place.
     pub fn migrate(&self) -> Result<usize, TableError> {
         self.run(|pool| async move {
