@@ -10,6 +10,7 @@ mod data;
 mod mail;
 mod session;
 mod spam;
+mod spill;
 pub mod stream;
 pub mod tls;
 

@@ -5,6 +5,7 @@
 //! (RFC 2920), so a pipelining client gets every reply, in order, in few packets.
 
 use super::Inbound;
+use super::spill::Spill;
 use super::stream::Stream;
 use crate::forward::Target;
 use crate::smtp::Reply;
@@ -58,6 +59,12 @@ pub(super) struct Session {
     /// When DATA started and how many bytes came since (minimum data rate).
     pub data_started: Option<Instant>,
     pub data_bytes: usize,
+    /// When the last DATA ended (for the acceptance latency in the log).
+    pub data_ended: Option<Instant>,
+    /// Whether the message being received continues on disk (see `spill`).
+    pub spill: super::spill::Spill,
+    /// Decoded bytes after the spill, waiting for the next write to the draft.
+    pub tail: Vec<u8>,
 }
 
 pub(super) async fn refuse(ctx: Arc<Inbound>, mut sock: TcpStream, why: &'static str) {
@@ -100,6 +107,9 @@ pub(super) async fn run(ctx: Arc<Inbound>, sock: TcpStream, peer: SocketAddr) {
         starttls: false,
         data_started: None,
         data_bytes: 0,
+        data_ended: None,
+        spill: Default::default(),
+        tail: Vec::new(),
     };
     let greeting = Reply::plain(
         220,
@@ -244,9 +254,15 @@ impl Session {
                 return;
             }
             if let Mode::Data(dec) = &mut self.mode {
-                match dec.feed(&self.inbuf, &mut self.data) {
+                // Only where the decoded bytes go depends on the spill, never how.
+                let out = match self.spill {
+                    Spill::Memory => &mut self.data,
+                    _ => &mut self.tail,
+                };
+                match dec.feed(&self.inbuf, out) {
                     None => {
                         self.inbuf.clear();
+                        self.spill().await;
                         return;
                     }
                     Some(n) => {
@@ -393,6 +409,8 @@ impl Session {
         self.data_started = Some(Instant::now());
         self.data_bytes = 0;
         self.data = Vec::with_capacity(8 * 1024);
+        self.spill = Spill::Memory;
+        self.tail = Vec::new();
         self.mode = Mode::Data(DataDecoder::new(self.ctx.cfg.smtp.max_message_size));
     }
 }
