@@ -289,6 +289,10 @@ const SMUGGLING_FORMS: &[(&str, &[u8])] = &[
     ("<CR>.<CR><LF>", b"\r.\r\n"),
     ("bare <LF>", b"\n"),
     ("bare <CR>", b"\r"),
+    // Found by the codec properties (issue 10): each ended DATA in the old decoder.
+    ("<CR><LF>.<LF><CR><LF>", b"\r\n.\n\r\n"),
+    ("<CR><LF>.<CR><CR><LF>", b"\r\n.\r\r\n"),
+    ("<CR><LF><CR>.<CR><LF>", b"\r\n\r.\r\n"),
 ];
 
 fn smuggling_payload(form: &[u8]) -> Vec<u8> {

@@ -14,6 +14,8 @@ mod spill;
 pub mod stream;
 pub mod tls;
 
+pub use session::parse_command;
+
 use crate::bounce::Bounce;
 use crate::config::Config;
 use crate::policy::Auth;

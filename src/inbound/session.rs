@@ -9,7 +9,7 @@ use super::spill::Spill;
 use super::stream::Stream;
 use crate::forward::Target;
 use crate::smtp::Reply;
-use crate::smtp::codec::{DataDecoder, Frame, LineFramer};
+use crate::smtp::codec::{Frame, Input, Reader};
 use smtp_proto::Request;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,22 +31,17 @@ pub(super) struct Transaction {
     pub targets: Vec<Target>,
 }
 
-pub(super) enum Mode {
-    Command,
-    Data(DataDecoder),
-}
-
 pub(super) struct Session {
     pub ctx: Arc<Inbound>,
     pub peer: SocketAddr,
     pub stream: Stream,
     pub inbuf: Vec<u8>,
     pub outbuf: Vec<u8>,
-    pub framer: LineFramer,
+    /// Commands, or mail data after a 354: the only place input is framed.
+    pub reader: Reader,
     pub helo: Option<String>,
     pub esmtp: bool,
     pub tx: Option<Transaction>,
-    pub mode: Mode,
     pub data: Vec<u8>,
     pub errors: u32,
     pub quit: bool,
@@ -94,11 +89,10 @@ pub(super) async fn run(ctx: Arc<Inbound>, sock: TcpStream, peer: SocketAddr) {
         stream: Stream::Plain(sock),
         inbuf: Vec::with_capacity(4096),
         outbuf: Vec::with_capacity(1024),
-        framer: LineFramer::default(),
+        reader: Reader::default(),
         helo: None,
         esmtp: false,
         tx: None,
-        mode: Mode::Command,
         data: Vec::new(),
         errors: 0,
         quit: false,
@@ -169,7 +163,7 @@ impl Session {
                 self.upgrade_tls().await?;
                 continue;
             }
-            let in_data = matches!(self.mode, Mode::Data(_));
+            let in_data = self.reader.in_data();
             let timeout = if in_data {
                 self.ctx.cfg.smtp.data_timeout
             } else {
@@ -220,7 +214,7 @@ impl Session {
             tracing::warn!(client = %self.peer.ip(), bytes = self.inbuf.len(), "discarding data pipelined after STARTTLS");
             self.inbuf.clear();
         }
-        self.framer = LineFramer::default();
+        self.reader = Reader::default();
         let Some(acceptor) = self.ctx.tls.clone() else {
             return Err(std::io::Error::other("STARTTLS without TLS configuration"));
         };
@@ -253,46 +247,36 @@ impl Session {
             if self.quit || self.starttls || self.errors >= self.ctx.cfg.limits.max_errors {
                 return;
             }
-            if let Mode::Data(dec) = &mut self.mode {
-                // Only where the decoded bytes go depends on the spill, never how.
-                let out = match self.spill {
-                    Spill::Memory => &mut self.data,
-                    _ => &mut self.tail,
-                };
-                match dec.feed(&self.inbuf, out) {
-                    None => {
-                        self.inbuf.clear();
+            // Only where the decoded bytes go depends on the spill, never how.
+            let out = match self.spill {
+                Spill::Memory => &mut self.data,
+                _ => &mut self.tail,
+            };
+            match self.reader.next_input(&mut self.inbuf, out) {
+                None => {
+                    if self.reader.in_data() {
                         self.spill().await;
-                        return;
                     }
-                    Some(n) => {
-                        self.inbuf.drain(..n);
-                        let Mode::Data(dec) = std::mem::replace(&mut self.mode, Mode::Command)
-                        else {
-                            unreachable!()
-                        };
-                        self.data_started = None;
-                        self.end_of_data(dec).await;
-                        if self.inbuf.capacity() > 64 * 1024 && self.inbuf.len() < 4096 {
-                            self.inbuf.shrink_to(4096);
-                        }
-                        continue;
+                    return;
+                }
+                Some(Input::EndOfData(dec)) => {
+                    self.data_started = None;
+                    self.end_of_data(dec).await;
+                    if self.inbuf.capacity() > 64 * 1024 && self.inbuf.len() < 4096 {
+                        self.inbuf.shrink_to(4096);
                     }
                 }
-            }
-            match self.framer.next_frame(&mut self.inbuf) {
-                None => return,
-                Some(Frame::TooLong) => self.reply(Reply::new(
+                Some(Input::Command(Frame::TooLong)) => self.reply(Reply::new(
                     500,
                     "5.5.2",
                     "command line too long (512 octets max)",
                 )),
-                Some(Frame::BareNewline) => self.reply(Reply::new(
+                Some(Input::Command(Frame::BareNewline)) => self.reply(Reply::new(
                     500,
                     "5.5.2",
                     "bare CR or LF in command (lines must end with CRLF)",
                 )),
-                Some(Frame::Line(line)) => {
+                Some(Input::Command(Frame::Line(line))) => {
                     if !self.slow.is_zero() {
                         // This client probed for users: every further reply waits.
                         tokio::time::sleep(self.slow).await;
@@ -303,20 +287,10 @@ impl Session {
         }
     }
 
-    async fn command(&mut self, mut line: Vec<u8>) {
-        let Ok(text) = std::str::from_utf8(&line) else {
-            self.reply(Reply::new(500, "5.5.2", "command is not valid UTF-8"));
-            return;
-        };
-        let text = text.to_string();
-        line.extend_from_slice(b"\r\n");
-        let req = match Request::parse(&mut line.iter()) {
-            Ok(r) => r.into_owned(),
-            Err(e) => {
-                let r = parse_error_reply(&e, &text);
-                self.reply(r);
-                return;
-            }
+    async fn command(&mut self, line: Vec<u8>) {
+        let (text, req) = match parse_command(&line) {
+            Ok(parsed) => parsed,
+            Err(reply) => return self.reply(reply),
         };
         match req {
             Request::Ehlo { host } => self.handle_helo(host, true),
@@ -411,7 +385,22 @@ impl Session {
         self.data = Vec::with_capacity(8 * 1024);
         self.spill = Spill::Memory;
         self.tail = Vec::new();
-        self.mode = Mode::Data(DataDecoder::new(self.ctx.cfg.smtp.max_message_size));
+        self.reader.start_data(self.ctx.cfg.smtp.max_message_size);
+    }
+}
+
+/// Parses one command line (a [`Frame::Line`]: the octets before its CRLF) into its
+/// text and request, or the error reply. Pure, so it is fuzzed as the session uses it.
+pub fn parse_command(line: &[u8]) -> Result<(String, Request<String>), Reply> {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Err(Reply::new(500, "5.5.2", "command is not valid UTF-8"));
+    };
+    let mut wire = Vec::with_capacity(line.len() + 2);
+    wire.extend_from_slice(line);
+    wire.extend_from_slice(b"\r\n");
+    match Request::parse(&mut wire.iter()) {
+        Ok(r) => Ok((text.to_string(), r.into_owned())),
+        Err(e) => Err(parse_error_reply(&e, text)),
     }
 }
 
