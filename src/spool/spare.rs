@@ -15,8 +15,8 @@
 //!   can bring back `ID.msg` naming a file that already holds another message.
 //! - A reused file is renamed to `NEW.msg.tmp`, overwritten from the start and cut to
 //!   its new length before the data fsync; the usual commit protocol follows.
-//! - The pool is bounded in count and in file size (larger files are unlinked), and
-//!   start-up empties `spare/`: a spare file is never anybody's mail.
+//! - The pool is bounded in count, in total size and in file size (larger files are
+//!   unlinked), and start-up empties `spare/`: a spare file is never anybody's mail.
 //!
 //! Blocking I/O: callers run it on tokio's blocking pool.
 
@@ -26,15 +26,21 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Spare files kept at most (about the messages in flight at full speed).
-const MAX_SPARES: usize = 1024;
+/// Spare files kept at most. As many as the backlog a burst can leave (messages
+/// accepted faster than delivered): a pool smaller than the backlog empties, new
+/// files are created for the rest, and the surplus unlinked after the burst brings
+/// the `recently_deleted()` scan back (measured: 1,024 was too few at 50 sessions).
+const MAX_SPARES: usize = 16 * 1024;
+/// Disk space the pool may hold in all (bytes of the files' lengths).
+const MAX_POOL_BYTES: u64 = 64 * 1024 * 1024;
 /// Larger finished files are unlinked: the pool must not hold much disk space.
 const MAX_SPARE_BYTES: u64 = 256 * 1024;
 
 pub(super) struct Spares {
     dir: PathBuf,
-    /// Spare files with the fsync generation that makes each reusable.
-    free: Mutex<VecDeque<(PathBuf, u64)>>,
+    /// Spare files with the fsync generation that makes each reusable, their lengths,
+    /// and the sum of those lengths.
+    free: Mutex<(VecDeque<(PathBuf, u64, u64)>, u64)>,
     /// Generation of the last queue directory fsync started, and of the last one
     /// completed successfully (set by the dirsync thread).
     pub started: AtomicU64,
@@ -50,7 +56,7 @@ impl Spares {
         }
         Ok(Spares {
             dir: dir.to_owned(),
-            free: Mutex::new(VecDeque::new()),
+            free: Mutex::new((VecDeque::new(), 0)),
             started: AtomicU64::new(0),
             done: AtomicU64::new(0),
         })
@@ -60,8 +66,13 @@ impl Spares {
     pub fn take(&self) -> Option<PathBuf> {
         let done = self.done.load(Ordering::Acquire);
         let mut free = self.free.lock();
-        match free.front() {
-            Some((_, need)) if *need <= done => free.pop_front().map(|(p, _)| p),
+        let (list, bytes) = &mut *free;
+        match list.front() {
+            Some((_, need, _)) if *need <= done => {
+                let (p, _, len) = list.pop_front()?;
+                *bytes -= len;
+                Some(p)
+            }
             _ => None,
         }
     }
@@ -69,19 +80,25 @@ impl Spares {
     /// Moves the finished file `msg` (of message `id`) into the pool, or unlinks it
     /// when the pool is full or the file large.
     pub fn put(&self, id: &str, msg: &Path) -> std::io::Result<()> {
-        let full = self.free.lock().len() >= MAX_SPARES;
-        if full || fs::metadata(msg)?.len() > MAX_SPARE_BYTES {
+        let len = fs::metadata(msg)?.len();
+        let room = {
+            let free = self.free.lock();
+            free.0.len() < MAX_SPARES && free.1 + len <= MAX_POOL_BYTES
+        };
+        if !room || len > MAX_SPARE_BYTES {
             return fs::remove_file(msg);
         }
         let to = self.dir.join(id);
         fs::rename(msg, &to)?;
         // Reusable after an fsync that starts from now on has completed.
         let need = self.started.load(Ordering::Acquire) + 1;
-        self.free.lock().push_back((to, need));
+        let mut free = self.free.lock();
+        free.0.push_back((to, need, len));
+        free.1 += len;
         Ok(())
     }
 
     pub fn len(&self) -> usize {
-        self.free.lock().len()
+        self.free.lock().0.len()
     }
 }
