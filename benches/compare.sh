@@ -45,9 +45,9 @@ if [ "$SPAM" = 1 ]; then PEERS="sink-direct postfix tenso tenso-nogate"; fi
 OUT=${OUT:-$HERE/results/compare-$(date -u +%Y%m%dT%H%M%SZ).results}
 mkdir -p "$(dirname "$OUT")"
 
-echo "== build (release)"
-(cd "$ROOT" && cargo build --release -q)
-BIN=$ROOT/target/release/tenso
+# BIN=another/tenso NOBUILD=1: measure another build (e.g. main before a change).
+if [ -z "${NOBUILD:-}" ]; then echo "== build (release)"; (cd "$ROOT" && cargo build --release -q); fi
+BIN=${BIN:-$ROOT/target/release/tenso}
 
 echo "== Postfix + postsrsd instance, smtp-sink"
 mkdir -p "$PERF_WORK"
