@@ -6,6 +6,10 @@
 //! (`30s`, `5d`). This module only parses and validates; it opens no socket or file
 //! other than the config file itself.
 
+mod submission;
+
+pub use submission::{DkimDomainKey, SubmissionConfig};
+
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +75,7 @@ pub struct Config {
     pub reputation: ReputationConfig,
     pub tls: TlsConfig,
     pub spam: SpamConfig,
+    pub submission: SubmissionConfig,
     pub tls_report: TlsReportConfig,
 }
 
@@ -324,6 +329,10 @@ pub struct DkimConfig {
     pub key: Option<PathBuf>,
     /// ARC-seal forwarded copies (RFC 8617; being moved to Historic).
     pub arc: bool,
+    /// `[[dkim.keys]]`: per-domain keys for submitted mail (signed with its From
+    /// domain's key); the key above stays the one for DSNs and forwarded copies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<DkimDomainKey>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -653,6 +662,7 @@ impl Default for Config {
             reputation: ReputationConfig::default(),
             tls: TlsConfig::default(),
             spam: SpamConfig::default(),
+            submission: SubmissionConfig::default(),
             tls_report: TlsReportConfig::default(),
         }
     }
@@ -838,6 +848,10 @@ impl Config {
             return bad(format!("[pool] group {g:?}: no such group"));
         }
         self.validate_spam()?;
+        submission::validate_domain_keys(&self.dkim.keys).map_err(ConfigError::Invalid)?;
+        self.submission
+            .validate(&self.smtp.listen)
+            .map_err(ConfigError::Invalid)?;
         if self.delivery.mta_sts_port == 0 {
             return bad("[delivery] mta_sts_port must not be 0".into());
         }

@@ -155,6 +155,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             auth,
             signer: signer.clone(),
             tls: crate::inbound::tls::acceptor(&cfg).map_err(anyhow::Error::msg)?,
+            submission: crate::inbound::submission::Service::new(&cfg, &table)
+                .map_err(anyhow::Error::msg)?,
         },
     );
 
@@ -186,6 +188,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 },
                 "maps": {
                     "limiter_clients": status_inbound.limiter.tracked(),
+                    "submission_logins": status_inbound.submission.as_ref().map(|s| s.tracked_logins()),
                     "delivery": status_delivery.map_sizes(),
                 },
             })
@@ -236,6 +239,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(%addr, hostname = %cfg.hostname, "listening");
         announce.push_str(&format!("{addr}\n"));
         tokio::spawn(crate::inbound::run(inbound.clone(), l, stop_rx.clone()));
+    }
+    // Submission after port 25 in `tenso.listen`: 587-style, then 465-style.
+    for (l, addr, implicit_tls) in crate::inbound::submission::bind(&cfg).await? {
+        tracing::info!(%addr, implicit_tls, "listening for submission");
+        announce.push_str(&format!("{addr}\n"));
+        tokio::spawn(crate::inbound::run_submission(
+            inbound.clone(),
+            l,
+            implicit_tls,
+            stop_rx.clone(),
+        ));
     }
     let listen_file = cfg.data_dir.join("tenso.listen");
     let tmp = cfg.data_dir.join("tenso.listen.tmp");

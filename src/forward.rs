@@ -22,6 +22,10 @@ pub enum Target {
     /// An unknown user accepted under `unknown_recipient = "accept"`: nothing is
     /// forwarded; the sender may get a DSN (proposal 1b decides).
     Unknown { written: String },
+    /// A recipient outside our domains, accepted from an authenticated submission
+    /// client (the one relay tenso does): sent as is, with the login's alias as
+    /// MAIL FROM, its failures reported through that alias's bounce policy.
+    Submitted { written: Mailbox },
 }
 
 impl Target {
@@ -29,6 +33,7 @@ impl Target {
         match self {
             Target::Alias { written, .. } => written.to_string(),
             Target::Postmaster { written } | Target::Unknown { written } => written.clone(),
+            Target::Submitted { written } => written.to_string(),
         }
     }
 
@@ -42,6 +47,7 @@ impl Target {
             Target::Alias { found, .. } => found.alias.clone(),
             Target::Postmaster { .. } => POSTMASTER_POOL.to_string(),
             Target::Unknown { written } => written.to_lowercase(),
+            Target::Submitted { written } => written.to_string().to_lowercase(),
         }
     }
 }
@@ -79,6 +85,14 @@ pub fn expand(
 ) -> Result<Vec<Rcpt>, TableError> {
     match target {
         Target::Unknown { .. } => Ok(Vec::new()),
+        Target::Submitted { written } => {
+            // The reverse-path is the login's own alias (checked at MAIL).
+            let policy = table.get(reverse_path)?.bounce;
+            let dest = written.written().map_err(|e| {
+                TableError::Invalid(format!("recipient {written} cannot be written: {e}"))
+            })?;
+            Ok(vec![rcpt(&dest, reverse_path, reverse_path, &dest, policy)])
+        }
         Target::Postmaster { written } => {
             let from = if reverse_path.is_empty() {
                 String::new()

@@ -1,5 +1,6 @@
-//! DKIM signing with the forwarder's own key (RFC 6376; RSA-SHA256 or Ed25519-SHA256,
-//! RFC 8463), and key generation for `tenso dkim keygen`.
+//! DKIM signing (RFC 6376; RSA-SHA256 or Ed25519-SHA256, RFC 8463) with the
+//! forwarder's own key and with the per-domain keys of submitted mail, and key
+//! generation for `tenso dkim keygen`.
 //!
 //! Existing signatures are never touched: a new `DKIM-Signature` is prepended. The
 //! key file is read once at start; a bad key stops the daemon with a clear message
@@ -11,7 +12,9 @@ use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Header fields signed when present (RFC 6376 §5.4.1's recommendations).
 const SIGNED: [&str; 11] = [
@@ -99,18 +102,23 @@ impl Signer {
         else {
             return Ok(None);
         };
+        Signer::new(domain, selector, key).map(Some)
+    }
+
+    /// A signer for `d=domain`, `s=selector` with the key in the PEM file `key`.
+    pub fn new(domain: &str, selector: &str, key: &Path) -> Result<Signer, String> {
         let key = load_key(key)?;
         let txt = txt_record(&key);
         let signer = DkimSigner::from_key(key)
-            .domain(domain.clone())
-            .selector(selector.clone())
+            .domain(domain)
+            .selector(selector)
             .headers(SIGNED);
-        Ok(Some(Signer {
+        Ok(Signer {
             signer,
-            domain: domain.clone(),
-            selector: selector.clone(),
+            domain: domain.to_string(),
+            selector: selector.to_string(),
             txt,
-        }))
+        })
     }
 
     /// The `DKIM-Signature:` header (CRLF-terminated) for `message`.
@@ -136,6 +144,44 @@ impl Signer {
                 message
             }
         }
+    }
+}
+
+/// Every signing key: the `[dkim]` default (DSNs, forwarded copies) and the
+/// `[[dkim.keys]]` per domain (submitted mail, signed as its From domain so that DMARC
+/// aligns). All are read at start; one bad key file stops the daemon.
+#[derive(Default)]
+pub struct KeyRing {
+    pub default: Option<Arc<Signer>>,
+    by_domain: HashMap<String, Arc<Signer>>,
+}
+
+impl KeyRing {
+    pub fn from_config(cfg: &DkimConfig) -> Result<KeyRing, String> {
+        let mut by_domain = HashMap::new();
+        for k in &cfg.keys {
+            let d = k.domain.trim_end_matches('.').to_ascii_lowercase();
+            let s = Signer::new(&d, &k.selector, &k.key)
+                .map_err(|e| format!("[[dkim.keys]] {d}: {e}"))?;
+            by_domain.insert(d, Arc::new(s));
+        }
+        Ok(KeyRing {
+            default: Signer::from_config(cfg)?.map(Arc::new),
+            by_domain,
+        })
+    }
+
+    /// The key of `domain` (any case), if `[[dkim.keys]]` has one.
+    pub fn for_domain(&self, domain: &str) -> Option<&Arc<Signer>> {
+        self.by_domain
+            .get(&domain.trim_end_matches('.').to_ascii_lowercase())
+    }
+
+    /// The per-domain signers, by domain.
+    pub fn domains(&self) -> impl Iterator<Item = &Arc<Signer>> {
+        let mut v: Vec<&Arc<Signer>> = self.by_domain.values().collect();
+        v.sort_by(|a, b| a.domain.cmp(&b.domain));
+        v.into_iter()
     }
 }
 
@@ -208,8 +254,13 @@ mod tests {
             let cfg = DkimConfig {
                 domain: Some("fwd.test".into()),
                 selector: Some("s1".into()),
-                key: Some(path),
+                key: Some(path.clone()),
                 arc: false,
+                keys: vec![crate::config::DkimDomainKey {
+                    domain: "Alias.Test".into(),
+                    selector: "s2".into(),
+                    key: path,
+                }],
             };
             let s = Signer::from_config(&cfg).unwrap().unwrap();
             assert_eq!(
@@ -221,6 +272,12 @@ mod tests {
                 .unwrap();
             assert!(h.starts_with("DKIM-Signature:"), "{h}");
             assert!(h.contains("d=fwd.test") && h.contains("s=s1"), "{h}");
+            let ring = KeyRing::from_config(&cfg).unwrap();
+            let own = ring.for_domain("alias.TEST.").expect("per-domain key");
+            let h = own.sign(b"From: a@alias.test\r\n\r\nbody\r\n").unwrap();
+            assert!(h.contains("d=alias.test") && h.contains("s=s2"), "{h}");
+            assert!(ring.for_domain("fwd.test").is_none());
+            assert_eq!(ring.default.as_ref().unwrap().domain, "fwd.test");
         }
     }
 }

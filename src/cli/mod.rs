@@ -160,6 +160,16 @@ pub enum UserCmd {
     Remove {
         alias: String,
     },
+    /// Set the submission password of ALIAS (its login is the alias itself): read
+    /// from stdin's first line, or generated and printed once when stdin is a
+    /// terminal or with --generate. --disable removes the login.
+    Passwd {
+        alias: String,
+        #[arg(long, conflicts_with = "generate")]
+        disable: bool,
+        #[arg(long)]
+        generate: bool,
+    },
     Show {
         alias: String,
         #[arg(long)]
@@ -361,6 +371,11 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
                 output::Kind::Alias,
             ),
             UserCmd::Remove { alias } => (Request::UserRemove { alias }, false, output::Kind::Done),
+            UserCmd::Passwd {
+                alias,
+                disable,
+                generate,
+            } => return passwd(&cfg, alias, disable, generate).await,
             UserCmd::Show { alias, json } => {
                 (Request::UserShow { alias }, json, output::Kind::Alias)
             }
@@ -463,7 +478,14 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
             let domain = domain
                 .or_else(|| cfg.dkim.domain.clone())
                 .unwrap_or_else(|| cfg.hostname.clone());
-            return keygen(&algorithm, &out, &selector, &domain);
+            // The [dkim] key signs DSNs and forwarded copies; a key for another
+            // domain is a [[dkim.keys]] entry, for mail its users submit.
+            let snippet = match cfg.dkim.domain.as_deref() {
+                Some(d) if d.eq_ignore_ascii_case(&domain) => Snippet::Default,
+                Some(_) => Snippet::PerDomain,
+                None => Snippet::Either,
+            };
+            return keygen(&algorithm, &out, &selector, &domain, snippet);
         }
         Command::Spam { cmd } => {
             let (id, spam) = match cmd {
@@ -484,7 +506,20 @@ async fn run(cmd: Command, cfg: Config) -> ExitCode {
     output::print(resp, json, kind)
 }
 
-fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) -> ExitCode {
+/// Which config lines `tenso dkim keygen` suggests.
+enum Snippet {
+    Default,
+    PerDomain,
+    Either,
+}
+
+fn keygen(
+    algorithm: &str,
+    out: &std::path::Path,
+    selector: &str,
+    domain: &str,
+    snippet: Snippet,
+) -> ExitCode {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let (pem, txt) = match crate::signing::keygen(algorithm) {
@@ -509,13 +544,109 @@ fn keygen(algorithm: &str, out: &std::path::Path, selector: &str, domain: &str) 
         output::warn(&format!("cannot write {}: {e}", out.display()));
         return ExitCode::from(1);
     }
+    let path = out.display();
+    let keys =
+        format!("#   domain = \"{domain}\"\n#   selector = \"{selector}\"\n#   key = \"{path}\"\n");
+    let default = format!("# add to the config, as the forwarder's key:\n#   [dkim]\n{keys}");
+    let per_domain = format!(
+        "# add to the config, as the key of mail submitted from {domain}:\n#   [[dkim.keys]]\n{keys}"
+    );
+    let config = match snippet {
+        Snippet::Default => default,
+        Snippet::PerDomain => per_domain,
+        Snippet::Either => format!("{default}{}", per_domain.replacen("# add", "# or add", 1)),
+    };
     let text = format!(
-        "# private key written to {path} (mode 0600)\n\
-         # add to the config:\n#   [dkim]\n#   domain = \"{domain}\"\n#   selector = \"{selector}\"\n#   key = \"{path}\"\n\
-         # publish this record:\n{selector}._domainkey.{domain}. IN TXT \"{txt}\"\n",
-        path = out.display()
+        "# private key written to {path} (mode 0600)\n{config}\
+         # publish this record:\n{selector}._domainkey.{domain}. IN TXT \"{txt}\"\n"
     );
     output::emit(&output::clean_text(&text), ExitCode::SUCCESS)
+}
+
+/// `tenso user passwd`: the password is hashed here (Argon2id, `[submission]`
+/// cost), so only the hash reaches the daemon and the table.
+async fn passwd(cfg: &Config, alias: String, disable: bool, generate: bool) -> ExitCode {
+    use crate::table::logins;
+    let hash = if disable {
+        None
+    } else {
+        let generated = generate || std::io::IsTerminal::is_terminal(&std::io::stdin());
+        let password = if generated {
+            logins::generate_password()
+        } else {
+            match read_password() {
+                Ok(p) => p,
+                Err(e) => {
+                    output::warn(&e);
+                    return ExitCode::from(2);
+                }
+            }
+        };
+        if let Err(e) = logins::check_password(&password) {
+            output::warn(&e);
+            return ExitCode::from(2);
+        }
+        let s = &cfg.submission;
+        let cost = (
+            s.argon2_memory_kib,
+            s.argon2_iterations,
+            s.argon2_parallelism,
+        );
+        let pw = password.clone();
+        let hashed = tokio::task::spawn_blocking(move || {
+            logins::hash_password(&logins::hasher(cost.0, cost.1, cost.2)?, pw.as_bytes())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match hashed {
+            Ok(h) => Some((h, generated.then_some(password))),
+            Err(e) => {
+                output::warn(&e);
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let req = Request::UserPasswd {
+        alias: alias.clone(),
+        hash: hash.as_ref().map(|(h, _)| h.clone()),
+    };
+    let resp = match send(cfg, req).await {
+        Ok(r) if r.ok => r,
+        Ok(r) => {
+            output::warn(r.error.as_deref().unwrap_or("refused"));
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            output::warn(&format!("{e:#}"));
+            return ExitCode::from(1);
+        }
+    };
+    let name = resp.data["alias"].as_str().unwrap_or(&alias).to_string();
+    let text = match hash {
+        None => format!("login of {name} removed\n"),
+        Some((_, Some(pw))) => format!(
+            "password set for {name}\ngenerated password (shown once, stored only as a hash): {pw}\n"
+        ),
+        Some((_, None)) => format!("password set for {name}\n"),
+    };
+    output::emit(&output::clean_text(&text), ExitCode::SUCCESS)
+}
+
+/// The first line of stdin, without its line end.
+fn read_password() -> Result<String, String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(4096)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        return Err("no password on stdin (pipe one in, or use --generate)".into());
+    }
+    String::from_utf8(line.to_vec()).map_err(|_| "the password is not UTF-8".to_string())
 }
 
 /// Sends a request to the daemon, or runs it here when no daemon is running.

@@ -213,6 +213,14 @@ fn alias(out: &mut String, d: &Value) {
         }
     }
     let _ = writeln!(out, "state:    {}", s(&d["state"]));
+    if let Some(l) = d["login"].as_bool() {
+        let l = if l {
+            "yes (may send on the submission ports)"
+        } else {
+            "no"
+        };
+        let _ = writeln!(out, "login:    {l}");
+    }
     if let Some(h) = d["health"].as_array().filter(|h| !h.is_empty()) {
         out.push_str("destination health:\n");
         for e in h {

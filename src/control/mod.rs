@@ -41,6 +41,12 @@ pub enum Request {
     UserRemove {
         alias: String,
     },
+    /// Sets the submission password of an alias (an Argon2id hash made by the CLI:
+    /// the password itself never travels), or removes its login (`hash` None).
+    UserPasswd {
+        alias: String,
+        hash: Option<String>,
+    },
     UserShow {
         alias: String,
     },
@@ -281,10 +287,27 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             t.remove(&alias).map_err(e)?;
             Ok(json!({ "removed": alias }))
         }
+        Request::UserPasswd { alias, hash } => {
+            let logins = t.logins().map_err(e)?;
+            let login = match &hash {
+                Some(h) => {
+                    logins.set(&alias, h).map_err(e)?;
+                    tracing::info!(%alias, "submission password set by admin");
+                    true
+                }
+                None => {
+                    let had = logins.remove(&alias).map_err(e)?;
+                    tracing::info!(%alias, had, "submission login removed by admin");
+                    false
+                }
+            };
+            Ok(json!({ "alias": alias.to_lowercase(), "login": login }))
+        }
         Request::UserShow { alias } => {
             let entry = t.get(&alias).map_err(e)?;
             let health = t.health(&alias).map_err(e)?;
             let mut v = alias_json(&alias.to_lowercase(), &entry, &health);
+            v["login"] = json!(t.logins().map_err(e)?.has(&alias));
             v["spam_effective"] = json!(entry.spam.unwrap_or(ctx.cfg.spam.default));
             v["pool"] = json!(ctx.pool.count(&alias));
             if let Some(h) = v["health"].as_array_mut() {

@@ -18,6 +18,27 @@ struct Content<'a> {
 }
 use std::sync::atomic::Ordering;
 
+/// The reply to a message the DATA decoder refused (the same on every port).
+pub(super) fn data_error_reply(err: DataError, max_size: usize) -> Reply {
+    match err {
+        DataError::TooBig => Reply::new(
+            552,
+            "5.3.4",
+            format!("message exceeds fixed maximum size of {max_size} bytes"),
+        ),
+        DataError::LineTooLong => Reply::new(
+            554,
+            "5.6.0",
+            "message refused: a line is longer than 1000 octets (RFC 5321 4.5.3.1.6)",
+        ),
+        DataError::BareLf | DataError::BareCr => Reply::new(
+            554,
+            "5.6.0",
+            "message refused: bare CR or LF in data; lines must end with CRLF",
+        ),
+    }
+}
+
 impl Session {
     pub(super) fn handle_data(&mut self) {
         match &self.tx {
@@ -49,26 +70,7 @@ impl Session {
             if matches!(err, DataError::TooBig) {
                 self.ctx.counters.too_big.fetch_add(1, Ordering::Relaxed);
             }
-            let reply = match err {
-                DataError::TooBig => Reply::new(
-                    552,
-                    "5.3.4",
-                    format!(
-                        "message exceeds fixed maximum size of {} bytes",
-                        self.ctx.cfg.smtp.max_message_size
-                    ),
-                ),
-                DataError::LineTooLong => Reply::new(
-                    554,
-                    "5.6.0",
-                    "message refused: a line is longer than 1000 octets (RFC 5321 4.5.3.1.6)",
-                ),
-                DataError::BareLf | DataError::BareCr => Reply::new(
-                    554,
-                    "5.6.0",
-                    "message refused: bare CR or LF in data; lines must end with CRLF",
-                ),
-            };
+            let reply = data_error_reply(err, self.ctx.cfg.smtp.max_message_size);
             tracing::warn!(client = %client, size = dec.size, reply = %reply, "message refused");
             return self.reply(reply);
         }
@@ -296,17 +298,9 @@ impl Session {
             || self.ctx.spam.is_some()
             || self.ctx.signer.is_some()
             || tx.reverse_path.is_empty();
-        let Some(d) = draft.as_ref().filter(|_| needs) else {
-            return Ok(());
-        };
-        match d.read_all().await {
-            Ok(rest) => body.extend_from_slice(&rest),
-            Err(e) => {
-                tracing::error!(client = %self.peer.ip(), error = %e, "cannot read back the message being received");
-                return Err(self.ctx.storage_failure(e.is_no_space()));
-            }
+        if needs {
+            self.read_back(body, Ok(draft.take())).await?;
         }
-        *draft = None;
         Ok(())
     }
 

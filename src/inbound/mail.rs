@@ -25,6 +25,9 @@ use std::sync::atomic::Ordering;
 /// NOTIFY=NEVER silently ignored). Clients only send them after seeing DSN in EHLO
 /// (RFC 3461 §4), so refusing costs nothing to a correct one.
 const MAIL_PARAMS: &[&str] = &["SIZE", "BODY", "SMTPUTF8"];
+/// On a submission port MAIL also takes RFC 4954's AUTH= (and ignores it: the
+/// sender is the login).
+const SUBMISSION_MAIL_PARAMS: &[&str] = &["SIZE", "BODY", "SMTPUTF8", "AUTH"];
 const RCPT_PARAMS: &[&str] = &[];
 
 /// The first parameter in a MAIL/RCPT line that tenso did not offer (`NOTIFY`,
@@ -56,7 +59,7 @@ fn unoffered_param(params: &str, offered: &[&str]) -> Option<String> {
 impl Session {
     /// 555 5.5.4 for a parameter tenso did not offer (RFC 5321 §4.1.1.11), and for
     /// any parameter after HELO (nothing is offered without EHLO).
-    fn check_params(&mut self, line: &str, offered: &[&str]) -> Option<Reply> {
+    pub(super) fn check_params(&mut self, line: &str, offered: &[&str]) -> Option<Reply> {
         let params = split_path(line).map_or("", |(_, p)| p);
         if params.trim().is_empty() {
             return None;
@@ -80,6 +83,9 @@ impl Session {
         if self.tx.is_some() {
             return self.reply(Reply::new(503, "5.5.1", "nested MAIL command"));
         }
+        if let Some(reply) = self.submission_gate() {
+            return self.reply(reply);
+        }
         let max_msgs = self.ctx.cfg.limits.max_messages_per_connection;
         if self.messages >= max_msgs {
             self.ctx
@@ -93,7 +99,11 @@ impl Session {
                 format!("too many messages in one session (at most {max_msgs}), reconnect"),
             ));
         }
-        if let Some(reply) = self.check_params(line, MAIL_PARAMS) {
+        let offered = match self.sub {
+            Some(_) => SUBMISSION_MAIL_PARAMS,
+            None => MAIL_PARAMS,
+        };
+        if let Some(reply) = self.check_params(line, offered) {
             return self.reply(reply);
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
@@ -113,6 +123,9 @@ impl Session {
             tracing::warn!(client = %self.peer.ip(), size = from.size, min_free_space = self.ctx.cfg.smtp.min_free_space(), "MAIL refused: spool disk short of free space");
             let reply = self.ctx.storage_failure(true);
             return self.reply(reply);
+        }
+        if self.sub.is_some() {
+            return self.submission_mail(line, smtputf8);
         }
         let raw = extract_path(line).unwrap_or("");
         let reverse_path = match parse_path(raw, smtputf8) {
@@ -170,6 +183,9 @@ impl Session {
     }
 
     pub(super) fn handle_rcpt(&mut self, line: &str, _to: RcptTo<String>) {
+        if self.sub.is_some() {
+            return self.submission_rcpt(line);
+        }
         if self.tx.is_none() {
             return self.reply(Reply::new(503, "5.5.1", "need MAIL before RCPT"));
         }
@@ -200,7 +216,7 @@ impl Session {
         self.reply(reply);
     }
 
-    fn check_rcpt(&mut self, raw: &str) -> Reply {
+    pub(super) fn check_rcpt(&mut self, raw: &str) -> Reply {
         let smtputf8 = self.tx.as_ref().is_some_and(|t| t.smtputf8);
         let counters = &self.ctx.counters;
         let relay_denied = |why: &'static str| {

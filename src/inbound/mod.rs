@@ -6,12 +6,14 @@
 //! message is on stable storage. It never delivers anything itself: committed
 //! messages are handed to the queue through its handle.
 
+mod auth;
 mod data;
 mod mail;
 mod session;
 mod spam;
 mod spill;
 pub mod stream;
+pub mod submission;
 pub mod tls;
 
 pub use session::parse_command;
@@ -155,6 +157,8 @@ pub struct Inbound {
     pub tls: Option<TlsAcceptor>,
     /// The spam gate's rspamd; None when `[spam] rspamd_url` is unset.
     pub spam: Option<crate::policy::spam::Rspamd>,
+    /// The submission service (587/465); None unless `[submission]` listens.
+    pub submission: Option<Arc<submission::Service>>,
     permits: Arc<Semaphore>,
 }
 
@@ -167,6 +171,7 @@ pub struct Parts {
     pub auth: Arc<Auth>,
     pub signer: Option<Arc<Signer>>,
     pub tls: Option<TlsAcceptor>,
+    pub submission: Option<submission::Service>,
 }
 
 impl Inbound {
@@ -175,6 +180,9 @@ impl Inbound {
     pub fn snapshot(&self) -> serde_json::Value {
         let mut v = self.counters.snapshot();
         v["dns_timeouts"] = self.auth.dns().timeouts().into();
+        if let Some(s) = &self.submission {
+            v["submission"] = s.counters.snapshot();
+        }
         v
     }
 
@@ -198,6 +206,7 @@ impl Inbound {
             auth: p.auth,
             signer: p.signer,
             tls: p.tls,
+            submission: p.submission.map(Arc::new),
             counters: Counters::default(),
             cfg,
         })
@@ -283,11 +292,42 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(4096)
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    /// Port 25: mail for our aliases.
+    Mx,
+    /// Submission: 587 (`implicit_tls` false, STARTTLS) or 465.
+    Submission { implicit_tls: bool },
+}
+
 /// Accepts clients until `shutdown` flips to true.
-pub async fn run(
+pub async fn run(inbound: Arc<Inbound>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+    accept_loop(inbound, listener, shutdown, Listener::Mx).await
+}
+
+/// Accepts submission clients (see [`submission::bind`]) until `shutdown`: the same
+/// connection limits as port 25, shared per client across all ports.
+pub async fn run_submission(
+    inbound: Arc<Inbound>,
+    listener: TcpListener,
+    implicit_tls: bool,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_loop(
+        inbound,
+        listener,
+        shutdown,
+        Listener::Submission { implicit_tls },
+    )
+    .await
+}
+
+async fn accept_loop(
     inbound: Arc<Inbound>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
+    kind: Listener,
 ) {
     loop {
         let (sock, peer) = tokio::select! {
@@ -338,7 +378,12 @@ pub async fn run(
                     return;
                 }
             };
-            session::run(inbound.clone(), sock, peer).await;
+            match kind {
+                Listener::Mx => session::run(inbound.clone(), sock, peer).await,
+                Listener::Submission { implicit_tls } => {
+                    submission::start(inbound.clone(), sock, peer, implicit_tls).await
+                }
+            }
             drop(guard);
             drop(permit);
         });

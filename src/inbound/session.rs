@@ -60,6 +60,8 @@ pub(super) struct Session {
     pub spill: super::spill::Spill,
     /// Decoded bytes after the spill, waiting for the next write to the draft.
     pub tail: Vec<u8>,
+    /// Submission state on 587/465; None on port 25.
+    pub sub: Option<super::submission::SubSession>,
 }
 
 pub(super) async fn refuse(ctx: Arc<Inbound>, mut sock: TcpStream, why: &'static str) {
@@ -83,10 +85,21 @@ pub(super) async fn run(ctx: Arc<Inbound>, sock: TcpStream, peer: SocketAddr) {
         tracing::info!(client = %peer.ip(), delay_ms = penalty.as_millis() as u64, "greeting delayed: earlier unknown recipients");
         tokio::time::sleep(penalty).await;
     }
+    serve_stream(ctx, Stream::Plain(sock), peer, None).await;
+}
+
+/// Greets and serves one client on `stream` (plain, or TLS from the first byte on
+/// 465); `sub` makes it a submission session.
+pub(super) async fn serve_stream(
+    ctx: Arc<Inbound>,
+    stream: Stream,
+    peer: SocketAddr,
+    sub: Option<super::submission::SubSession>,
+) {
     let mut s = Session {
         ctx,
         peer,
-        stream: Stream::Plain(sock),
+        stream,
         inbuf: Vec::with_capacity(4096),
         outbuf: Vec::with_capacity(1024),
         reader: Reader::default(),
@@ -104,6 +117,7 @@ pub(super) async fn run(ctx: Arc<Inbound>, sock: TcpStream, peer: SocketAddr) {
         data_ended: None,
         spill: Default::default(),
         tail: Vec::new(),
+        sub,
     };
     let greeting = Reply::plain(
         220,
@@ -215,7 +229,7 @@ impl Session {
             self.inbuf.clear();
         }
         self.reader = Reader::default();
-        let Some(acceptor) = self.ctx.tls.clone() else {
+        let Some(acceptor) = self.acceptor() else {
             return Err(std::io::Error::other("STARTTLS without TLS configuration"));
         };
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
@@ -261,7 +275,11 @@ impl Session {
                 }
                 Some(Input::EndOfData(dec)) => {
                     self.data_started = None;
-                    self.end_of_data(dec).await;
+                    if self.sub.is_some() {
+                        self.end_of_submission(dec).await;
+                    } else {
+                        self.end_of_data(dec).await;
+                    }
                     if self.inbuf.capacity() > 64 * 1024 && self.inbuf.len() < 4096 {
                         self.inbuf.shrink_to(4096);
                     }
@@ -288,6 +306,9 @@ impl Session {
     }
 
     async fn command(&mut self, line: Vec<u8>) {
+        if self.auth_takes(&line) {
+            return self.auth_line(line).await;
+        }
         let (text, req) = match parse_command(&line) {
             Ok(parsed) => parsed,
             Err(reply) => return self.reply(reply),
@@ -333,8 +354,16 @@ impl Session {
         }
     }
 
+    /// The TLS of this listener: submission's own, or port 25's `[tls]`.
+    fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        match &self.sub {
+            Some(s) => Some(s.svc.tls.clone()),
+            None => self.ctx.tls.clone(),
+        }
+    }
+
     fn handle_starttls(&mut self) {
-        if self.ctx.tls.is_none() {
+        if self.acceptor().is_none() {
             return self.reply(Reply::new(502, "5.5.1", "STARTTLS not available"));
         }
         if self.stream.is_tls() {
@@ -373,9 +402,10 @@ impl Session {
             "SMTPUTF8".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
-        if self.ctx.tls.is_some() && !self.stream.is_tls() {
+        if self.acceptor().is_some() && !self.stream.is_tls() {
             lines.push("STARTTLS".into());
         }
+        self.submission_ehlo(&mut lines);
         self.reply(Reply::plain(250, lines));
     }
 

@@ -62,7 +62,8 @@ fn policy_of(t: &Target, default: SpamPolicy) -> Option<SpamPolicy> {
     match t {
         Target::Alias { found, .. } => Some(found.entry.spam.unwrap_or(default)),
         Target::Postmaster { .. } => Some(default),
-        Target::Unknown { .. } => None,
+        // Submitted mail does not pass the gate (its sender is authenticated).
+        Target::Unknown { .. } | Target::Submitted { .. } => None,
     }
 }
 

@@ -7,8 +7,8 @@
 //! memory is the header section (everything the end-of-DATA header work reads); the
 //! body goes to disk. A header section longer than `SPILL_AT` is cut at a line end:
 //! fields past it are not examined (Postfix's `header_size_limit` works alike). Checks
-//! that need the whole message (DKIM, the spam gate, signing, bounces coming home)
-//! read the draft back at the end of DATA; with them off, nothing large is ever in
+//! that need the whole message (DKIM, the spam gate, signing, bounces coming home,
+//! submission) read the draft back at the end of DATA; with them off, nothing large is ever in
 //! memory. A draft that cannot be written makes the end of DATA a 4xx, never a 250.
 
 use super::session::Session;
@@ -80,6 +80,29 @@ impl Session {
             Spill::Memory => Ok(None),
             Spill::Disk(d) => Ok(Some(d)),
             Spill::Failed { no_space } => Err(self.ctx.storage_failure(no_space)),
+        }
+    }
+}
+
+impl Session {
+    /// The whole message in `body`: the draft of a spilled one is appended to it.
+    pub(super) async fn read_back(
+        &self,
+        body: &mut Vec<u8>,
+        spilled: Result<Option<Draft>, Reply>,
+    ) -> Result<(), Reply> {
+        let Some(draft) = spilled? else {
+            return Ok(());
+        };
+        match draft.read_all().await {
+            Ok(rest) => {
+                body.extend_from_slice(&rest);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(client = %self.peer.ip(), error = %e, "cannot read back the message being received");
+                Err(self.ctx.storage_failure(e.is_no_space()))
+            }
         }
     }
 }

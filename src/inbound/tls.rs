@@ -1,6 +1,8 @@
-//! The inbound STARTTLS certificate: from `[tls] cert`/`key`, or a self-signed one
-//! generated once in `DATA_DIR/tls/` so opportunistic TLS works out of the box
-//! (senders do not verify MX certificates by default; encryption still beats none).
+//! The inbound TLS certificate (STARTTLS on 25 and 587, implicit TLS on 465): from
+//! `[tls] cert`/`key`, or a self-signed one generated once in `DATA_DIR/tls/` so
+//! opportunistic TLS works out of the box (senders do not verify MX certificates by
+//! default; encryption still beats none). Mail clients do verify: submission wants a
+//! real certificate in `[tls]`.
 
 use crate::config::Config;
 use rustls::pki_types::pem::PemObject;
@@ -58,6 +60,17 @@ pub fn acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
     if !cfg.tls.starttls {
         return Ok(None);
     }
+    certificate(cfg).map(Some)
+}
+
+/// The submission ports' TLS (STARTTLS on 587, implicit on 465): the same
+/// certificate, whatever `[tls] starttls` says for port 25 — submission without TLS
+/// does not exist.
+pub fn submission_acceptor(cfg: &Config) -> Result<TlsAcceptor, String> {
+    certificate(cfg)
+}
+
+fn certificate(cfg: &Config) -> Result<TlsAcceptor, String> {
     let (cert, key) = match (&cfg.tls.cert, &cfg.tls.key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => {
@@ -66,5 +79,5 @@ pub fn acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
             (dir.join("cert.pem"), dir.join("key.pem"))
         }
     };
-    load(&cert, &key).map(Some)
+    load(&cert, &key)
 }

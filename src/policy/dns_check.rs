@@ -79,6 +79,59 @@ pub async fn outbound_ips(cfg: &Config, resolver: &Resolver) -> Vec<IpAddr> {
     }
 }
 
+/// Whether the key of `s` is what DNS publishes at its selector.
+async fn dkim_check(resolver: &Resolver, s: &Signer, which: &str) -> Check {
+    let name = format!("{}._domainkey.{}", s.selector, s.domain);
+    let found = txt(resolver, &name).await;
+    let key_of = |t: &str| -> Option<String> {
+        t.split(';')
+            .find_map(|kv| kv.trim().strip_prefix("p="))
+            .map(|p| p.split_whitespace().collect())
+    };
+    let ours = key_of(&s.txt);
+    let ok = found.iter().any(|f| key_of(f) == ours);
+    Check {
+        kind: "DKIM",
+        name: name.clone(),
+        want: format!("{name}. IN TXT \"{}\"", s.txt),
+        problem: (!ok).then(|| {
+            if found.is_empty() {
+                "no DKIM key published".to_string()
+            } else {
+                format!("the published key is not {which}")
+            }
+        }),
+        found,
+        ok,
+        optional: false,
+    }
+}
+
+/// The `[[dkim.keys]]` of submitted mail, one check per domain (a key file that
+/// cannot be read is a failed check naming it).
+async fn domain_keys(cfg: &Config, resolver: &Resolver) -> Vec<Check> {
+    let ring = match crate::signing::KeyRing::from_config(&cfg.dkim) {
+        Ok(r) => r,
+        Err(e) => {
+            return vec![Check {
+                kind: "DKIM",
+                name: "[[dkim.keys]]".into(),
+                want: String::new(),
+                found: Vec::new(),
+                ok: false,
+                problem: Some(e),
+                optional: false,
+            }];
+        }
+    };
+    let mut out = Vec::new();
+    for s in ring.domains() {
+        let which = format!("the [[dkim.keys]] key of {}", s.domain);
+        out.push(dkim_check(resolver, s, &which).await);
+    }
+    out
+}
+
 pub async fn check(
     cfg: &Config,
     resolver: &Resolver,
@@ -175,31 +228,9 @@ pub async fn check(
         checks.extend(inbound_tls(cfg, resolver, d).await);
     }
     if let Some(s) = signer {
-        let name = format!("{}._domainkey.{}", s.selector, s.domain);
-        let found = txt(resolver, &name).await;
-        let key_of = |t: &str| -> Option<String> {
-            t.split(';')
-                .find_map(|kv| kv.trim().strip_prefix("p="))
-                .map(|p| p.split_whitespace().collect())
-        };
-        let ours = key_of(&s.txt);
-        let ok = found.iter().any(|f| key_of(f) == ours);
-        checks.push(Check {
-            kind: "DKIM",
-            name: name.clone(),
-            want: format!("{name}. IN TXT \"{}\"", s.txt),
-            problem: (!ok).then(|| {
-                if found.is_empty() {
-                    "no DKIM key published".to_string()
-                } else {
-                    "the published key is not the configured [dkim] key".to_string()
-                }
-            }),
-            found,
-            ok,
-            optional: false,
-        });
+        checks.push(dkim_check(resolver, s, "the configured [dkim] key").await);
     }
+    checks.extend(domain_keys(cfg, resolver).await);
     let ok = checks.iter().all(|c| c.ok);
     Report {
         outbound_ips: ips,

@@ -549,7 +549,10 @@ impl Worker {
             // A copy made for no alias (a 1b DSN to a sender) carries no Delivered-To;
             // a trace from an old envelope is never allowed to break the header.
             let mut head = Vec::new();
-            if !trace.is_empty() && !trace.contains(|c: char| c.is_control()) {
+            if env.kind != MessageKind::Submission
+                && !trace.is_empty()
+                && !trace.contains(|c: char| c.is_control())
+            {
                 head.extend_from_slice(format!("Delivered-To: {trace}\r\n").as_bytes());
             }
             let message = Outgoing {
@@ -605,7 +608,9 @@ impl Worker {
         results: Vec<Result1>,
         handle: &QueueHandle,
     ) -> Vec<usize> {
-        let message_id = (env.kind == MessageKind::Relay)
+        let message_id = env
+            .kind
+            .correlated()
             .then(|| {
                 crate::smtp::header::field_values(header_section(body), "message-id")
                     .into_iter()
@@ -626,7 +631,7 @@ impl Worker {
                     r.state = RcptState::Delivered;
                     r.last = Some(reply);
                     r.status = Some("2.0.0".into());
-                    if env.kind == MessageKind::Relay && r.pool.is_none() {
+                    if env.kind.correlated() && r.pool.is_none() {
                         forwarded.push((r.alias.clone(), r.dest.clone()));
                     }
                 }

@@ -10,6 +10,8 @@
 //! under a short, non-poisoning mutex; nothing here sleeps or does I/O — the session
 //! waits out a penalty itself, so one delayed client never delays another.
 
+pub mod submission;
+
 use crate::config::LimitsConfig;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -143,12 +145,26 @@ struct ClientState {
     connections: usize,
     bucket: Bucket,
     penalty: Option<Penalty>,
+    /// Failed submission logins (boxed: few clients have any).
+    auth: Option<Box<submission::AuthFailures>>,
+}
+
+impl ClientState {
+    fn new(cap: f64, now: Instant) -> ClientState {
+        ClientState {
+            connections: 0,
+            bucket: Bucket::full(cap, now),
+            penalty: None,
+            auth: None,
+        }
+    }
 }
 
 impl Pinned for ClientState {
-    /// A client with open connections: forgetting it would reset its limit.
+    /// A client with open connections, or locked out of AUTH: forgetting it would
+    /// reset its limit.
     fn pinned(&self) -> bool {
-        self.connections > 0
+        self.connections > 0 || self.auth.as_ref().is_some_and(|a| a.locked())
     }
 }
 
@@ -198,11 +214,7 @@ impl Limiter {
         let cap = self.cfg.connect_rate_per_minute.max(1) as f64;
         let per_sec = self.per_sec();
         let mut c = self.clients.lock();
-        let s = c.entry(key, now, || ClientState {
-            connections: 0,
-            bucket: Bucket::full(cap, now),
-            penalty: None,
-        });
+        let s = c.entry(key, now, || ClientState::new(cap, now));
         if s.connections >= self.cfg.max_connections_per_ip {
             return Err(Refusal::TooManyFromClient);
         }
@@ -245,22 +257,26 @@ impl Limiter {
         let now = Instant::now();
         let cap = self.cfg.connect_rate_per_minute.max(1) as f64;
         let mut c = self.clients.lock();
-        let s = c.entry(ClientKey::of(ip), now, || ClientState {
-            connections: 0,
-            bucket: Bucket::full(cap, now),
-            penalty: None,
-        });
-        let level = s.penalty.map_or(0, |p| self.decayed(p, now));
-        // Stop counting once the cap is reached: the delay cannot grow further.
+        let s = c.entry(ClientKey::of(ip), now, || ClientState::new(cap, now));
+        let p = self.raised(s.penalty, now);
+        s.penalty = Some(p);
+        self.delay_for(p.level)
+    }
+
+    /// A penalty after one more event: its decayed level plus one, no higher than
+    /// where the delay stops growing (the cap).
+    fn raised(&self, p: Option<Penalty>, now: Instant) -> Penalty {
+        let level = p.map_or(0, |p| self.decayed(p, now));
         let max_level = 1
             + (self.cfg.unknown_penalty_max.as_secs_f64()
                 / self.cfg.unknown_penalty_base.as_secs_f64().max(0.001))
             .log2()
             .ceil()
             .max(0.0) as u32;
-        let level = (level + 1).min(max_level.max(1));
-        s.penalty = Some(Penalty { level, last: now });
-        self.delay_for(level)
+        Penalty {
+            level: (level + 1).min(max_level.max(1)),
+            last: now,
+        }
     }
 
     pub fn tracked(&self) -> usize {

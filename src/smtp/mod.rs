@@ -7,6 +7,7 @@
 //! crate leaves to its user (bare CR/LF, line-length limits, `<postmaster>`, quoting).
 
 pub mod address;
+pub mod author;
 pub mod codec;
 pub mod header;
 pub mod reply;

@@ -17,6 +17,10 @@ pub enum MessageKind {
     Dsn,
     /// A bounce received for an alias, forwarded with `MAIL FROM:<>` (policy 2b).
     ForwardedBounce,
+    /// Mail a user submitted (587/465) as their alias, to recipients outside tenso's
+    /// domains: sent with MAIL FROM = the alias and without `Delivered-To:` (it was
+    /// delivered to no mailbox here); its bounces correlate like forwarded copies.
+    Submission,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +70,14 @@ pub struct Rcpt {
     /// "accept"`; its failure is reported to the original sender, not to an alias.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unknown: bool,
+}
+
+impl MessageKind {
+    /// Copies whose bounces are correlated with what was sent (the log of
+    /// forwarded copies): mail relayed for an alias and mail an alias submitted.
+    pub fn correlated(self) -> bool {
+        matches!(self, MessageKind::Relay | MessageKind::Submission)
+    }
 }
 
 impl Rcpt {

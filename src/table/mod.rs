@@ -13,6 +13,7 @@
 
 pub mod fwdlog;
 pub mod import;
+pub mod logins;
 pub mod tls;
 
 use crate::config::{BouncePolicy, SpamPolicy};
@@ -297,6 +298,11 @@ impl Table {
             max_depth,
             local: Arc::new(RwLock::new(DomainCache::default())),
         })
+    }
+
+    /// Submission logins (same database, own tree).
+    pub fn logins(&self) -> Result<logins::Logins, TableError> {
+        logins::Logins::open(&self.db, &self.aliases)
     }
 
     /// The outbound TLS state: MTA-STS policies and TLS-RPT counts (own trees).
@@ -606,6 +612,8 @@ impl Table {
             return Err(TableError::NotFound(name.to_string()));
         }
         self.health.remove(name.key())?;
+        // A removed alias can no longer send as itself either.
+        self.logins()?.forget(&name.key())?;
         self.flush()?;
         Ok(())
     }
