@@ -36,11 +36,14 @@ const MAX_POOL_BYTES: u64 = 64 * 1024 * 1024;
 /// Larger finished files are unlinked: the pool must not hold much disk space.
 const MAX_SPARE_BYTES: u64 = 256 * 1024;
 
+/// A spare file, the fsync generation after which it may be reused, and its length.
+type Spare = (PathBuf, u64, u64);
+
 pub(super) struct Spares {
     dir: PathBuf,
     /// Spare files with the fsync generation that makes each reusable, their lengths,
     /// and the sum of those lengths.
-    free: Mutex<(VecDeque<(PathBuf, u64, u64)>, u64)>,
+    free: Mutex<(VecDeque<Spare>, u64)>,
     /// Generation of the last queue directory fsync started, and of the last one
     /// completed successfully (set by the dirsync thread).
     pub started: AtomicU64,
