@@ -7,8 +7,11 @@
 //! `ID.msg` — that rename is the commit point — and the directory is fsynced.
 //! Directory fsyncs are group-committed by one thread: every commit that arrives
 //! while an fsync runs is covered by the next one, so under load one fsync serves
-//! many messages, and a message costs one file, one data fsync and one unlink — the
-//! common case (delivered at the first attempt) never writes anything else.
+//! many messages, and a message costs one data fsync and two renames — the common
+//! case (delivered at the first attempt) never writes anything else. A finished
+//! `ID.msg` is not unlinked but kept in `spare/` and reused by a later commit
+//! (`spare.rs`: why, and when reuse is safe); a message too large for memory arrives
+//! in a draft (`draft.rs`) that the commit copies into its `ID.msg.tmp`.
 //! Later delivery state goes to `ID.env` by temp → fsync → rename → dir fsync; it
 //! supersedes the envelope inside `ID.msg`. Removal unlinks `ID.env` first, so a crash
 //! can at worst bring back the first envelope (a repeated delivery), never lose one.
