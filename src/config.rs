@@ -77,6 +77,32 @@ pub struct Config {
     pub spam: SpamConfig,
     pub submission: SubmissionConfig,
     pub tls_report: TlsReportConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `GET /metrics` and `GET /health` over HTTP (README "Metrics").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where the HTTP endpoint listens; off when unset. Plain HTTP, no auth: keep it
+    /// on loopback or a monitoring network.
+    pub listen: Option<SocketAddr>,
+    /// How often the table's reachability is probed (for `/health`).
+    #[serde(with = "humantime_serde")]
+    pub table_probe: Duration,
+    /// A probe not done in this time counts as unreachable.
+    #[serde(with = "humantime_serde")]
+    pub table_probe_deadline: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            table_probe: Duration::from_secs(5),
+            table_probe_deadline: Duration::from_secs(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -664,6 +690,7 @@ impl Default for Config {
             spam: SpamConfig::default(),
             submission: SubmissionConfig::default(),
             tls_report: TlsReportConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -854,6 +881,9 @@ impl Config {
             .map_err(ConfigError::Invalid)?;
         if self.delivery.mta_sts_port == 0 {
             return bad("[delivery] mta_sts_port must not be 0".into());
+        }
+        if self.metrics.table_probe.is_zero() || self.metrics.table_probe_deadline.is_zero() {
+            return bad("[metrics] table_probe and table_probe_deadline must be above 0".into());
         }
         if self.tls_report.max_domains == 0 {
             return bad("[tls_report] max_domains must be at least 1".into());

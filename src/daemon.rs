@@ -167,34 +167,37 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let status_bounce = bounce.clone();
     let status_spool = spool.clone();
     let status_delivery = delivery.clone();
+    let status: crate::metrics::StatusFn = Arc::new(move || {
+        serde_json::json!({
+            "inbound": status_inbound.snapshot(),
+            "queue": status_queue.snapshot(),
+            "bounce": status_bounce.counters.snapshot(),
+            "tls": status_delivery.tls_counters.snapshot(),
+            "pool": {
+                "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
+                "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
+            },
+            "spool": {
+                "env_fallbacks": status_spool.env_fallbacks(),
+            },
+            "maps": {
+                "limiter_clients": status_inbound.limiter.tracked(),
+                "submission_logins": status_inbound.submission.as_ref().map(|s| s.tracked_logins()),
+                "delivery": status_delivery.map_sizes(),
+            },
+        })
+    });
+    crate::metrics::metrics().set_status(status.clone());
     let server = Arc::new(control_server::Server {
         cfg: cfg.clone(),
         table: table.clone(),
         spool: spool.clone(),
         queue: queue.clone(),
         pool: bounce.pool.clone(),
-        status: Arc::new(move || {
-            serde_json::json!({
-                "inbound": status_inbound.snapshot(),
-                "queue": status_queue.snapshot(),
-                "bounce": status_bounce.counters.snapshot(),
-                "tls": status_delivery.tls_counters.snapshot(),
-                "pool": {
-                    "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
-                    "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
-                },
-                "spool": {
-                    "env_fallbacks": status_spool.env_fallbacks(),
-                },
-                "maps": {
-                    "limiter_clients": status_inbound.limiter.tracked(),
-                    "submission_logins": status_inbound.submission.as_ref().map(|s| s.tracked_logins()),
-                    "delivery": status_delivery.map_sizes(),
-                },
-            })
-        }),
+        status,
     });
     tokio::spawn(control_server::run(server, admin));
+    let metrics_addr = start_metrics(&cfg, &table, &queue).await?;
 
     // Housekeeping: the correlation log is bounded in time; pool digests if enabled.
     let hk_bounce = bounce.clone();
@@ -251,12 +254,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
         ));
     }
+    crate::metrics::metrics().set_listening(true);
+    if let Some(addr) = metrics_addr {
+        announce_file(&cfg, "tenso.metrics", &format!("{addr}\n"))?;
+    }
     let listen_file = cfg.data_dir.join("tenso.listen");
-    let tmp = cfg.data_dir.join("tenso.listen.tmp");
-    disk::create_file(&tmp, disk::PRIVATE, true)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, announce.as_bytes()))
-        .and_then(|_| std::fs::rename(&tmp, &listen_file))
-        .with_context(|| format!("writing {}", listen_file.display()))?;
+    announce_file(&cfg, "tenso.listen", &announce)?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -265,14 +268,50 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     let _ = stop_tx.send(true);
+    // Load balancers see 503 from now on.
+    crate::metrics::metrics().set_listening(false);
     // Sessions in the middle of DATA have not been answered 250: dropping them loses
     // nothing. Give replies in flight a moment, then persist the table and leave.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     table.flush()?;
     let _ = std::fs::remove_file(&listen_file);
+    let _ = std::fs::remove_file(cfg.data_dir.join("tenso.metrics"));
     let _ = std::fs::remove_file(cfg.socket_path());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `[metrics] listen`: binds the HTTP endpoint and starts the table's reachability
+/// probe; returns the bound address (None when off).
+async fn start_metrics(
+    cfg: &Config,
+    table: &Table,
+    queue: &crate::queue::QueueHandle,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let Some(addr) = cfg.metrics.listen else {
+        return Ok(None);
+    };
+    let l = crate::control::http::bind(addr).await?;
+    let bound = l.local_addr()?;
+    tracing::info!(%bound, "metrics: serving /metrics and /health");
+    tokio::spawn(crate::control::http::run(l, queue.clone()));
+    tokio::spawn(crate::table::probe::run(
+        table.clone(),
+        cfg.metrics.table_probe,
+        cfg.metrics.table_probe_deadline,
+    ));
+    Ok(Some(bound))
+}
+
+/// Writes `DATA_DIR/name` (owner-only) through a temp file and a rename, so a reader
+/// never sees half of it.
+fn announce_file(cfg: &Config, name: &str, text: &str) -> anyhow::Result<()> {
+    let path = cfg.data_dir.join(name);
+    let tmp = cfg.data_dir.join(format!("{name}.tmp"));
+    disk::create_file(&tmp, disk::PRIVATE, true)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Hourly: the TLS reports of past days go out (RFC 8460 §5.1: daily aggregates),

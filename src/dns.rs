@@ -321,6 +321,7 @@ impl Dns {
             return Err(DnsFailure::Timeout(shown));
         }
         let lookup = tokio::time::timeout_at(deadline, self.inner.resolver.lookup(qname, rtype));
+        let started = std::time::Instant::now();
         let r = tokio::select! {
             r = lookup => r,
             // Not remembered by name: `refusal` keeps the state, briefly.
@@ -328,6 +329,10 @@ impl Dns {
                 return Err(DnsFailure::Failed(shown, REFUSED.into()));
             }
         };
+        crate::metrics::metrics()
+            .dns
+            .get_or_create(&[("purpose", "policy")])
+            .observe(crate::metrics::since(started));
         let failure = match r {
             Ok(Ok(l)) => return Ok(l.answers().iter().map(|r| r.data.clone()).collect()),
             Ok(Err(e)) if e.is_no_records_found() => return Ok(Vec::new()),

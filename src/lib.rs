@@ -37,6 +37,7 @@ pub mod disk;
 pub mod dns;
 pub mod forward;
 pub mod inbound;
+pub mod metrics;
 pub mod policy;
 pub mod queue;
 pub mod rate;

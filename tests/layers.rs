@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 fn layer(module: &str) -> Option<u8> {
     Some(match module {
-        "smtp" | "config" | "time" | "disk" => 0,
+        "smtp" | "config" | "time" | "disk" | "metrics" => 0,
         "spool" | "table" | "rate" | "signing" | "dns" => 1,
         "forward" | "policy" | "delivery" | "bounce" => 2,
         "inbound" | "queue" | "control" => 3,

@@ -6,6 +6,7 @@
 //! stores itself and calls the very same [`execute`]. The protocol is one JSON line
 //! each way; `v` lets a newer CLI detect an older daemon.
 
+pub mod http;
 mod release;
 pub mod server;
 

@@ -98,6 +98,8 @@ pub struct Session {
     pub local: Option<std::net::IpAddr>,
     /// What the session proved: decides which mail may reuse it.
     pub security: Security,
+    /// Counts the session in `tenso_outbound_connections` while it lives.
+    pub open: crate::metrics::Open,
 }
 
 /// Timeouts and names for opening sessions.
@@ -219,6 +221,7 @@ pub async fn open(
                 addr,
                 local,
                 security,
+                open: crate::metrics::Open::outbound(),
             })
         }
         Err(e) if !req.needs_tls() => {
@@ -316,6 +319,7 @@ impl Session {
                 starttls_tried,
                 ..Security::default()
             },
+            open: crate::metrics::Open::outbound(),
         }
     }
 

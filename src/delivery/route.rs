@@ -35,7 +35,10 @@ async fn host_addrs(
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    match resolver.lookup_ip(fqdn(host)).await {
+    let started = std::time::Instant::now();
+    let answer = resolver.lookup_ip(fqdn(host)).await;
+    observe_dns(started);
+    match answer {
         Ok(l) => {
             // IPv4 first: most forwarding hosts have no outbound IPv6 route.
             let mut v: Vec<IpAddr> = l.iter().collect();
@@ -87,7 +90,10 @@ pub async fn resolve(
         return Ok(vec![Host { name: host, addrs }]);
     }
     let port = cfg.delivery.port;
-    let mx = match resolver.mx_lookup(fqdn(domain)).await {
+    let started = std::time::Instant::now();
+    let answer = resolver.mx_lookup(fqdn(domain)).await;
+    observe_dns(started);
+    let mx = match answer {
         Ok(l) => l
             .answers()
             .iter()
@@ -158,6 +164,14 @@ pub fn order_mx(mut mx: Vec<(u16, String)>) -> Vec<String> {
         }
     }
     out
+}
+
+/// `tenso_dns_lookup_seconds{purpose="delivery"}`.
+fn observe_dns(started: std::time::Instant) {
+    crate::metrics::metrics()
+        .dns
+        .get_or_create(&[("purpose", "delivery")])
+        .observe(crate::metrics::since(started));
 }
 
 #[cfg(test)]

@@ -53,8 +53,25 @@ impl Session {
         }
     }
 
+    /// The end of DATA, timed up to its reply for `tenso_smtp_accept_seconds` when
+    /// that reply is a 250 (the reply is written right after, with the next flush).
     pub(super) async fn end_of_data(&mut self, dec: DataDecoder) {
-        self.data_ended = Some(std::time::Instant::now());
+        let started = std::time::Instant::now();
+        self.data_ended = Some(started);
+        let before = self.outbuf.len();
+        self.end_of_data_reply(dec).await;
+        if self
+            .outbuf
+            .get(before..)
+            .is_some_and(|r| r.starts_with(b"250"))
+        {
+            crate::metrics::metrics()
+                .smtp_accept
+                .observe(crate::metrics::since(started));
+        }
+    }
+
+    async fn end_of_data_reply(&mut self, dec: DataDecoder) {
         let mut body = std::mem::take(&mut self.data);
         let spilled = self.finish_spill().await;
         let tx = self

@@ -343,13 +343,18 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         };
         let _ = sock.set_nodelay(true);
+        // Counted while the socket is ours, refused or served.
+        let open = crate::metrics::Open::inbound();
         let inbound = inbound.clone();
         // Limits are checked before anything else: over a limit, the client gets
         // 421 at once, never a silent wait in a queue.
         let Ok(permit) = inbound.permits.clone().try_acquire_owned() else {
             inbound.counters.busy.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(client = %peer.ip(), limit = inbound.cfg.smtp.max_connections, "too many connections, refusing");
-            tokio::spawn(session::refuse(inbound, sock, "too many connections"));
+            tokio::spawn(async move {
+                session::refuse(inbound, sock, "too many connections").await;
+                drop(open);
+            });
             continue;
         };
         tokio::spawn(async move {
@@ -386,6 +391,7 @@ async fn accept_loop(
             }
             drop(guard);
             drop(permit);
+            drop(open);
         });
     }
 }

@@ -177,7 +177,12 @@ impl Rspamd {
             ("MTA-Name", env.mta_name.to_string()),
         ];
         headers.extend(env.rcpts.iter().map(|r| ("Rcpt", r.clone())));
-        let (status, body) = self.post("/checkv2", &headers, msg).await?;
+        let started = std::time::Instant::now();
+        let answer = self.post("/checkv2", &headers, msg).await;
+        crate::metrics::metrics()
+            .rspamd
+            .observe(crate::metrics::since(started));
+        let (status, body) = answer?;
         if status != 200 {
             return Err(SpamError::Status(status, excerpt(&body)));
         }

@@ -44,6 +44,15 @@ pub enum Cmd {
     Flush(Option<String>),
     Hold(String, bool, Reply),
     Remove(String, Reply),
+    Stats(oneshot::Sender<QueueStats>),
+}
+
+/// The queue's size for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueStats {
+    pub messages: usize,
+    /// Unix seconds of the oldest queued message's arrival; None when empty.
+    pub oldest_arrival: Option<i64>,
 }
 
 #[derive(Default, Debug)]
@@ -87,6 +96,13 @@ impl QueueHandle {
 
     pub async fn set_held(&self, id: &str, held: bool) -> Result<(), String> {
         self.ask(|r| Cmd::Hold(id.to_string(), held, r)).await
+    }
+
+    /// Size and oldest arrival, from the manager (one pass over its entries).
+    pub async fn stats(&self) -> Option<QueueStats> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::Stats(tx)).ok()?;
+        rx.await.ok()
     }
 
     pub fn snapshot(&self) -> serde_json::Value {
@@ -186,6 +202,13 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// `tenso_delivery_seconds`: from acceptance (the queue id's microseconds, else the
+/// envelope's arrival second) to the next hop's 250 (`now_ms`).
+fn observe_delivery(accepted_us: i64, now_ms: i64) {
+    let secs = (now_ms * 1000 - accepted_us).max(0) as f64 / 1e6;
+    crate::metrics::metrics().delivery.observe(secs);
 }
 
 fn now_ms() -> i64 {
@@ -372,6 +395,12 @@ async fn run(
                             tracing::info!(queue_id = %id, "removed by admin");
                         }
                         let _ = reply.send(res);
+                    }
+                    Cmd::Stats(reply) => {
+                        let _ = reply.send(QueueStats {
+                            messages: entries.len(),
+                            oldest_arrival: entries.values().map(|e| e.env.arrival).min(),
+                        });
                     }
                 }
             }
@@ -621,12 +650,14 @@ impl Worker {
         let lifetime_end = env.arrival * 1000 + self.cfg.queue.max_lifetime.as_millis() as i64;
         let mut failed = Vec::new();
         let mut forwarded = Vec::new();
+        let accepted_us = Spool::id_micros(&env.id).unwrap_or(env.arrival * 1_000_000);
         for (i, outcome, mta, tls) in results {
             let r = &mut env.rcpts[i];
             r.remote_mta = mta.or(r.remote_mta.take());
             match outcome {
                 Outcome::Delivered(reply) => {
                     handle.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    observe_delivery(accepted_us, now);
                     tracing::info!(queue_id = %env.id, from = %r.mail_from, to = %r.dest, relay = ?r.remote_mta, tls = tls.as_deref().unwrap_or("-"), reply = %reply, "delivered");
                     r.state = RcptState::Delivered;
                     r.last = Some(reply);

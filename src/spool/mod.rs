@@ -167,6 +167,12 @@ impl Spool {
         self.inner.env_fallbacks.load(Ordering::Relaxed)
     }
 
+    /// When the message with queue id `id` arrived, in microseconds since the epoch
+    /// (the id's first 13 hex digits, see [`Spool::new_id`]); None for other ids.
+    pub fn id_micros(id: &str) -> Option<i64> {
+        i64::from_str_radix(id.get(..13)?, 16).ok()
+    }
+
     /// A new queue id: microseconds since the epoch and a counter, in hex. Ids sort
     /// by arrival and never repeat within a process; the random counter start keeps a
     /// restarted daemon from reusing the ids of the previous run in the same µs.

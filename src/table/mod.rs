@@ -14,6 +14,7 @@
 pub mod fwdlog;
 pub mod import;
 pub mod logins;
+pub mod probe;
 pub mod tls;
 
 use crate::config::{BouncePolicy, SpamPolicy};
@@ -243,6 +244,10 @@ pub struct Table {
     domains: sled::Tree,
     /// alias key → its destinations' health (JSON list, at most MAX_HEALTH).
     health: sled::Tree,
+    /// The reachability probe's own key (see [`probe`]).
+    probe: sled::Tree,
+    /// Where the store lives (the probe also writes a file here).
+    dir: std::path::PathBuf,
     separator: Option<char>,
     max_depth: usize,
     /// Local domains → "has a catch-all", kept in memory: every RCPT asks, the set is
@@ -293,6 +298,8 @@ impl Table {
             aliases: db.open_tree("aliases")?,
             domains: db.open_tree("domains")?,
             health: db.open_tree("health")?,
+            probe: db.open_tree("probe")?,
+            dir: dir.to_path_buf(),
             db,
             separator,
             max_depth,
@@ -365,6 +372,26 @@ impl Table {
         self.db.flush()?;
         self.local_domains()?;
         Ok(())
+    }
+
+    /// Can the store still confirm a change? One write and one flush of a key of its
+    /// own (the time), then one page written and fsynced in a file beside sled's. The
+    /// file is needed because sled writes into log segments it allocated earlier: a
+    /// full disk shows in its flush only when a segment runs out — and then sled
+    /// refuses everything until restarted. The page finds a full, read-only or
+    /// failing file system first.
+    pub fn probe(&self) -> Result<(), TableError> {
+        self.probe
+            .insert(b"probe", &crate::time::unix_now().to_be_bytes())?;
+        self.db.flush()?;
+        let path = self.dir.join("tenso-probe.tmp");
+        let written =
+            crate::disk::create_file(&path, crate::disk::PRIVATE, true).and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &[0u8; 4096])?;
+                f.sync_all()
+            });
+        let _ = std::fs::remove_file(&path);
+        written.map_err(|e| TableError::Invalid(format!("{}: {e}", path.display())))
     }
 
     fn get_raw(&self, domain: &str, local: &str) -> Result<Option<AliasEntry>, TableError> {
@@ -444,8 +471,17 @@ impl Table {
 
     /// What RCPT needs in one call: the matching entry, or whether the domain is
     /// ours at all. A match proves the domain is local, so the common case (a known
-    /// alias) costs one read.
+    /// alias) costs one read. Timed for `tenso_table_lookup_seconds`.
     pub fn lookup_rcpt(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
+        let started = std::time::Instant::now();
+        let r = self.lookup_rcpt_inner(rcpt);
+        crate::metrics::metrics()
+            .table
+            .observe(crate::metrics::since(started));
+        r
+    }
+
+    fn lookup_rcpt_inner(&self, rcpt: &Mailbox) -> Result<RcptLookup, TableError> {
         if let Some(f) = self.resolve(rcpt)? {
             return Ok(RcptLookup::Found(f));
         }
