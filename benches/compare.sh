@@ -5,6 +5,11 @@
 #   benches/compare.sh                 # SIZES="2048 102400" COUNTS=5000 SESSIONS="10 50" REPS=3
 #   SIZES=2048 COUNTS=20000 SESSIONS=10 REPS=3 benches/compare.sh
 #   SPAM=1 SIZES=2048 COUNTS=2000 SESSIONS=10 benches/compare.sh   # with the spam gate
+#   STEADY_TOTAL=200000 benches/compare.sh     # + the steady run and the memory benchmark
+#
+# STEADY_TOTAL > 0 (default 0: skipped) adds, after the table, benches/steady.sh (one
+# daemon, STEADY_TOTAL messages of 2 KB at 50 sessions in batches of 10,000) and
+# benches/memory.sh (100 concurrent 20 MB transfers, peak RSS).
 #
 # SPAM=1: one private rspamd (tests/rspamd/ config, Debian's rules, no Redis) judges
 # both paths in the same run: Postfix through rspamd's proxy worker as a milter
@@ -40,9 +45,9 @@ if [ "$SPAM" = 1 ]; then PEERS="sink-direct postfix tenso tenso-nogate"; fi
 OUT=${OUT:-$HERE/results/compare-$(date -u +%Y%m%dT%H%M%SZ).results}
 mkdir -p "$(dirname "$OUT")"
 
-echo "== build (release)"
-(cd "$ROOT" && cargo build --release -q)
-BIN=$ROOT/target/release/tenso
+# BIN=another/tenso NOBUILD=1: measure another build (e.g. main before a change).
+if [ -z "${NOBUILD:-}" ]; then echo "== build (release)"; (cd "$ROOT" && cargo build --release -q); fi
+BIN=${BIN:-$ROOT/target/release/tenso}
 
 echo "== Postfix + postsrsd instance, smtp-sink"
 mkdir -p "$PERF_WORK"
@@ -136,8 +141,8 @@ queue_empty() {  # PEER: wait (≤120 s) until the forwarder's queue is empty
     for i in $(seq 1 1200); do
         case $1 in
             postfix) [ -z "$(find "$PF_QUEUE"/{incoming,active,deferred} -type f 2>/dev/null | head -1)" ] && return 0 ;;
-            tenso) [ -z "$(find "$TDIR/data/queue" -name '*.env' 2>/dev/null | head -1)" ] && return 0 ;;
-            tenso-nogate) [ -z "$(find "$TPDIR/data/queue" -name '*.env' 2>/dev/null | head -1)" ] && return 0 ;;
+            tenso) [ -z "$(find "$TDIR/data/queue" -name '*.msg' 2>/dev/null | head -1)" ] && return 0 ;;
+            tenso-nogate) [ -z "$(find "$TPDIR/data/queue" -name '*.msg' 2>/dev/null | head -1)" ] && return 0 ;;
             *) return 0 ;;
         esac
         sleep 0.1
@@ -220,3 +225,11 @@ if gate:
     for k, w, wo, cw, cwo, lw, lwo in gate:
         print("| %d B | %d | %d | %.0f | %.0f | %.2f | %.2f / %.2f | %.1f / %.1f |" % (k[0], k[1], k[2], w, wo, w / wo if wo else float("nan"), cw, cwo, lw, lwo))
 PY
+
+if [ "${STEADY_TOTAL:-0}" -gt 0 ]; then
+    trap - EXIT; stop_tenso; "$PF/stop.sh" >/dev/null; stop_rspamd
+    echo; echo "== steady: $STEADY_TOTAL messages of 2 KB at 50 sessions, one daemon"
+    NOBUILD=1 BIN=$BIN TOTAL=$STEADY_TOTAL BATCH=10000 SESSIONS=50 SIZE=2048 "$HERE/steady.sh"
+    echo; echo "== memory: 100 concurrent transfers of 20 MB"
+    NOBUILD=1 BIN=$BIN CONC=100 SIZE=20971520 "$HERE/memory.sh"
+fi

@@ -91,7 +91,7 @@ async fn run(port: u16, ca: &Path, idle: Duration, n: usize, c: usize) -> (f64, 
     let table = tenso::table::Table::open(&dir.path().join("table"), 1 << 24, None, 8).unwrap();
     let resolver = tenso::dns::build(&cfg).unwrap();
     let d = Delivery::new(cfg, resolver, &table).unwrap();
-    let msg = Arc::new(message());
+    let msg = Arc::new(tenso::delivery::outgoing::Outgoing::memory(message()));
     let (t0, cpu0) = (Instant::now(), cpu_ms());
     let mut set = tokio::task::JoinSet::new();
     for w in 0..c {

@@ -418,11 +418,17 @@ fn status_fields(r: &DsnReport, host: &str, intl: bool) -> String {
                 push_header(&mut out, "Original-Recipient", &orig);
             }
         }
-        push_header(
-            &mut out,
-            "Final-Recipient",
-            &typed_addr(&rcpt.final_recipient, intl),
-        );
+        // Final-Recipient is required in every group (RFC 3464 §2.3.2) and its type
+        // is not optional: an address that cleans to nothing still gets `rfc822;`
+        // (generic-address may be empty), never a bare `Final-Recipient:` that no
+        // parser can read (found by the dsn_build fuzz target).
+        let final_rcpt = typed_addr(&rcpt.final_recipient, intl);
+        let final_rcpt = if final_rcpt.is_empty() {
+            "rfc822;".to_string()
+        } else {
+            final_rcpt
+        };
+        push_header(&mut out, "Final-Recipient", &final_rcpt);
         push_header(&mut out, "Action", rcpt.action.as_str());
         push_header(&mut out, "Status", status_code(&rcpt.status, rcpt.action));
         if let Some(mta) = rcpt.remote_mta.as_deref() {
@@ -1703,6 +1709,22 @@ Will-Retry-Until: Sun, 8 Mar 2026 10:00:00 +0000\r\n";
                 NullSenderKind::DeliveryReport,
                 "{name}"
             );
+        }
+    }
+
+    /// Fuzz finding (dsn_build): a recipient whose address cleans to nothing gave a
+    /// bare `Final-Recipient:` that tenso's own parser (rightly) could not read.
+    #[test]
+    fn empty_final_recipient_keeps_its_type_and_reads_back() {
+        for addr in ["", " ", "\r\n", "<>"] {
+            let mut r = single_failed();
+            r.recipients[0].final_recipient = addr.to_string();
+            let out = build_dsn(&r);
+            let text = String::from_utf8_lossy(&out);
+            assert!(!text.contains("Final-Recipient:\r\n"), "{addr:?}: {text}");
+            let parsed = parse_dsn(&out).unwrap_or_else(|| panic!("{addr:?}: {text}"));
+            assert_eq!(parsed.recipients.len(), 1, "{addr:?}");
+            assert_eq!(parsed.recipients[0].action, "failed", "{addr:?}");
         }
     }
 

@@ -10,7 +10,6 @@
 use super::certs::{CertCheck, Strictness, Trust};
 use super::tls_policy::{Requirement, Security, TlsParams};
 use crate::smtp::address::WirePath;
-use crate::smtp::codec::dot_stuff;
 use mail_send::SmtpClient;
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, Response,
@@ -280,8 +279,8 @@ pub struct Transaction<'a> {
     pub mail_from: &'a WirePath,
     pub rcpts: &'a [WirePath],
     /// The message as it goes out (trace headers already prepended), CRLF lines.
-    /// Whether it needs 8BITMIME is read from these bytes, not from any label.
-    pub message: &'a [u8],
+    /// Whether it needs 8BITMIME is read from its bytes, not from any label.
+    pub message: &'a super::outgoing::Outgoing,
     pub needs_smtputf8: bool,
     /// ENVID to send when the server offers DSN (RFC 3461), with RET=HDRS.
     pub env_id: Option<&'a str>,
@@ -350,24 +349,25 @@ impl Session {
         }
     }
 
+    /// Sends the message dot-stuffed, streamed in bounded chunks, and reads the reply.
     async fn send_data(
         &mut self,
-        wire: &[u8],
+        msg: &super::outgoing::Outgoing,
         timeout: Duration,
     ) -> Result<Response<String>, mail_send::Error> {
         use tokio::io::AsyncWriteExt;
         async fn go<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             c: &mut SmtpClient<T>,
-            wire: &[u8],
+            msg: &super::outgoing::Outgoing,
         ) -> Result<Response<String>, mail_send::Error> {
-            c.stream.write_all(wire).await?;
+            msg.write_stuffed(&mut c.stream).await?;
             c.stream.flush().await?;
             c.read().await
         }
         let fut = async {
             match &mut self.conn {
-                Conn::Plain(c) => go(c, wire).await,
-                Conn::Tls(c) => go(c.as_mut(), wire).await,
+                Conn::Plain(c) => go(c, msg).await,
+                Conn::Tls(c) => go(c.as_mut(), msg).await,
             }
         };
         tokio::time::timeout(timeout, fut)
@@ -390,7 +390,7 @@ impl Session {
         data_timeout: Duration,
     ) -> (Vec<Outcome>, bool) {
         let n = t.rcpts.len();
-        let eight_bit = !t.message.is_ascii();
+        let eight_bit = t.message.eight_bit();
         if let Some(o) = self.refusal(t, eight_bit) {
             return (vec![o; n], true);
         }
@@ -427,9 +427,7 @@ impl Session {
             let ok = self.cmd("RSET\r\n").await.is_ok();
             return (fill(outcomes, &o), ok);
         }
-        let mut wire = Vec::with_capacity(t.message.len() + t.message.len() / 64 + 8);
-        dot_stuff(t.message, &mut wire);
-        let (o, usable) = match self.send_data(&wire, data_timeout).await {
+        let (o, usable) = match self.send_data(t.message, data_timeout).await {
             Ok(r) => (Outcome::from_reply(&r), true),
             Err(e) => (Outcome::Deferred("4.4.2".into(), err_text(&e)), false),
         };
@@ -547,7 +545,9 @@ impl Session {
     /// Ends a DATA the server opened although nothing is to be sent: a lone `.`
     /// (RFC 2920 §3.1). True when the server answered it and the session goes on.
     async fn lone_dot(&mut self, timeout: Duration) -> bool {
-        match self.send_data(b".\r\n", timeout).await {
+        // An empty message, stuffed, is exactly the lone `.CRLF`.
+        let empty = super::outgoing::Outgoing::memory(Vec::new());
+        match self.send_data(&empty, timeout).await {
             Ok(r) => {
                 tracing::debug!(host = %self.host, reply = %reply_text(&r), "lone dot after a DATA opened for no recipient");
                 true

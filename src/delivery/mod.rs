@@ -19,6 +19,7 @@ pub mod certs;
 pub mod client;
 pub mod dane;
 pub mod mta_sts;
+pub mod outgoing;
 pub mod route;
 pub mod tls_policy;
 pub mod tlsrpt;
@@ -49,7 +50,7 @@ pub struct Job<'a> {
     pub domain: &'a str,
     pub mail_from: &'a str,
     pub rcpts: Vec<String>,
-    pub message: &'a [u8],
+    pub message: &'a outgoing::Outgoing,
     pub needs_smtputf8: bool,
     pub env_id: Option<&'a str>,
 }

@@ -11,6 +11,7 @@ mod data;
 mod mail;
 mod session;
 mod spam;
+mod spill;
 pub mod stream;
 pub mod submission;
 pub mod tls;

@@ -5,6 +5,7 @@
 //! (RFC 2920), so a pipelining client gets every reply, in order, in few packets.
 
 use super::Inbound;
+use super::spill::Spill;
 use super::stream::Stream;
 use crate::forward::Target;
 use crate::smtp::Reply;
@@ -53,6 +54,12 @@ pub(super) struct Session {
     /// When DATA started and how many bytes came since (minimum data rate).
     pub data_started: Option<Instant>,
     pub data_bytes: usize,
+    /// When the last DATA ended (for the acceptance latency in the log).
+    pub data_ended: Option<Instant>,
+    /// Whether the message being received continues on disk (see `spill`).
+    pub spill: super::spill::Spill,
+    /// Decoded bytes after the spill, waiting for the next write to the draft.
+    pub tail: Vec<u8>,
     /// Submission state on 587/465; None on port 25.
     pub sub: Option<super::submission::SubSession>,
 }
@@ -107,6 +114,9 @@ pub(super) async fn serve_stream(
         starttls: false,
         data_started: None,
         data_bytes: 0,
+        data_ended: None,
+        spill: Default::default(),
+        tail: Vec::new(),
         sub,
     };
     let greeting = Reply::plain(
@@ -251,8 +261,18 @@ impl Session {
             if self.quit || self.starttls || self.errors >= self.ctx.cfg.limits.max_errors {
                 return;
             }
-            match self.reader.next_input(&mut self.inbuf, &mut self.data) {
-                None => return,
+            // Only where the decoded bytes go depends on the spill, never how.
+            let out = match self.spill {
+                Spill::Memory => &mut self.data,
+                _ => &mut self.tail,
+            };
+            match self.reader.next_input(&mut self.inbuf, out) {
+                None => {
+                    if self.reader.in_data() {
+                        self.spill().await;
+                    }
+                    return;
+                }
                 Some(Input::EndOfData(dec)) => {
                     self.data_started = None;
                     if self.sub.is_some() {
@@ -393,6 +413,8 @@ impl Session {
         self.data_started = Some(Instant::now());
         self.data_bytes = 0;
         self.data = Vec::with_capacity(8 * 1024);
+        self.spill = Spill::Memory;
+        self.tail = Vec::new();
         self.reader.start_data(self.ctx.cfg.smtp.max_message_size);
     }
 }

@@ -404,7 +404,8 @@ impl Session {
     /// End of DATA on a submission port: the same decoder verdicts as port 25, then
     /// the author check, RFC 6409's fixes, signing, commit, 250.
     pub(super) async fn end_of_submission(&mut self, dec: DataDecoder) {
-        let body = std::mem::take(&mut self.data);
+        let mut body = std::mem::take(&mut self.data);
+        let spilled = self.finish_spill().await;
         let tx = self
             .tx
             .take()
@@ -417,6 +418,10 @@ impl Session {
                 .refused_data
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(client = %self.peer.ip(), login = %tx.reverse_path, size = dec.size, reply = %reply, "submission refused");
+            return self.reply(reply);
+        }
+        // Submitted mail is signed whole: a message that spilled is read back.
+        if let Err(reply) = self.read_back(&mut body, spilled).await {
             return self.reply(reply);
         }
         if let Err(reply) = self.check_submitted(&svc, &tx, &body) {

@@ -11,6 +11,7 @@
 
 use crate::bounce::{Bounce, dsn::Action};
 use crate::config::Config;
+use crate::delivery::outgoing::{Body, FileSpan, Outgoing};
 use crate::delivery::{Delivery, Job, Outcome};
 use crate::rate::Pacer;
 use crate::smtp::header::header_section;
@@ -21,6 +22,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Queued messages larger than this are sent from their spool file in chunks, never
+/// read whole into memory (issue 17: memory must not grow with message size).
+const STREAM_AT: u64 = 256 * 1024;
+
+/// A queued message for one attempt: `head` for the header work (the whole message
+/// when small, its start when large) and `out`, what is sent.
+struct Loaded {
+    head: Arc<Vec<u8>>,
+    out: Body,
+}
 
 /// Message bodies kept in memory between acceptance and the first attempt. Beyond
 /// this, queued messages are read back from the spool, so a backlog costs disk reads,
@@ -442,14 +454,17 @@ impl Worker {
             .filter(|&i| env.rcpts[i].is_pending() && env.rcpts[i].next_attempt <= now)
             .collect();
         let body = match body {
-            Some(b) => Ok(b),
-            None => self.spool.read_body_async(&env.id).await.map(Arc::new),
+            Some(b) => Ok(Loaded {
+                head: b.clone(),
+                out: Body::Memory(b),
+            }),
+            None => self.load(&env).await,
         };
         let (body, results) = match body {
             Ok(body) => {
                 let mut results = self.deliver_to_pools(&env, &body, &due).await;
                 results.extend(self.deliver_remote(&mut env, &body, &due, handle).await);
-                (body, results)
+                (body.head, results)
             }
             Err(e) => {
                 handle.counters.read_errors.fetch_add(1, Ordering::Relaxed);
@@ -474,17 +489,47 @@ impl Worker {
         self.finish(env).await
     }
 
+    /// A queued message not in memory: read whole when small; when large, only its
+    /// start (for the header work), and sent from its spool file in chunks.
+    async fn load(&self, env: &Envelope) -> Result<Loaded, SpoolError> {
+        if env.size <= STREAM_AT {
+            let b = Arc::new(self.spool.read_body_async(&env.id).await?);
+            return Ok(Loaded {
+                head: b.clone(),
+                out: Body::Memory(b),
+            });
+        }
+        let (spool, id) = (self.spool.clone(), env.id.clone());
+        let (path, offset, len, head) =
+            tokio::task::spawn_blocking(move || spool.body_span(&id, STREAM_AT as usize))
+                .await
+                .map_err(|_| SpoolError::Closed)??;
+        Ok(Loaded {
+            head: Arc::new(head),
+            out: Body::File(Arc::new(FileSpan {
+                path,
+                offset,
+                len,
+                eight_bit: env.eight_bit,
+            })),
+        })
+    }
+
     /// Local pool targets (postmaster without a forward address).
-    async fn deliver_to_pools(
-        &self,
-        env: &Envelope,
-        body: &Arc<Vec<u8>>,
-        due: &[usize],
-    ) -> Vec<Result1> {
+    async fn deliver_to_pools(&self, env: &Envelope, body: &Loaded, due: &[usize]) -> Vec<Result1> {
         let mut results = Vec::new();
         for &i in due {
             if let Some(pool) = env.rcpts[i].pool.clone() {
-                let o = match self.bounce.to_pool(&pool, body.to_vec()).await {
+                // A pool keeps the whole message: a large one is read back for it.
+                let whole = match &body.out {
+                    Body::Memory(b) => Ok(b.to_vec()),
+                    Body::File(_) => self.spool.read_body_async(&env.id).await,
+                };
+                let stored = match whole {
+                    Ok(m) => self.bounce.to_pool(&pool, m).await,
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                let o = match stored {
                     Ok(id) => Outcome::Delivered(format!("stored in local pool {pool} as {id}")),
                     Err(e) => Outcome::Deferred("4.3.0".into(), format!("pool write failed: {e}")),
                 };
@@ -500,7 +545,7 @@ impl Worker {
     async fn deliver_remote(
         &self,
         env: &mut Envelope,
-        body: &Arc<Vec<u8>>,
+        body: &Loaded,
         due: &[usize],
         handle: &QueueHandle,
     ) -> Vec<Result1> {
@@ -518,7 +563,7 @@ impl Worker {
                     .push(i);
             }
         }
-        let headers_ascii = header_section(body).is_ascii();
+        let headers_ascii = header_section(&body.head).is_ascii();
         let mut set = tokio::task::JoinSet::new();
         let mut paced: Vec<(Vec<usize>, std::time::Duration)> = Vec::new();
         for ((mail_from, trace, domain), idx) in groups {
@@ -530,16 +575,19 @@ impl Worker {
             let needs_smtputf8 = !mail_from.is_ascii()
                 || rcpts.iter().any(|r| !r.is_ascii())
                 || (env.smtputf8 && !headers_ascii);
-            let mut message = Vec::with_capacity(body.len() + trace.len() + 16);
             // A copy made for no alias (a 1b DSN to a sender) carries no Delivered-To;
             // a trace from an old envelope is never allowed to break the header.
+            let mut head = Vec::new();
             if env.kind != MessageKind::Submission
                 && !trace.is_empty()
                 && !trace.contains(|c: char| c.is_control())
             {
-                message.extend_from_slice(format!("Delivered-To: {trace}\r\n").as_bytes());
+                head.extend_from_slice(format!("Delivered-To: {trace}\r\n").as_bytes());
             }
-            message.extend_from_slice(body);
+            let message = Outgoing {
+                head,
+                body: body.out.clone(),
+            };
             let delivery = self.delivery.clone();
             let id = env.id.clone();
             set.spawn(async move {

@@ -7,8 +7,11 @@
 //! `ID.msg` — that rename is the commit point — and the directory is fsynced.
 //! Directory fsyncs are group-committed by one thread: every commit that arrives
 //! while an fsync runs is covered by the next one, so under load one fsync serves
-//! many messages, and a message costs one file, one data fsync and one unlink — the
-//! common case (delivered at the first attempt) never writes anything else.
+//! many messages, and a message costs one data fsync and two renames — the common
+//! case (delivered at the first attempt) never writes anything else. A finished
+//! `ID.msg` is not unlinked but kept in `spare/` and reused by a later commit
+//! (`spare.rs`: why, and when reuse is safe); a message too large for memory arrives
+//! in a draft (`draft.rs`) that the commit copies into its `ID.msg.tmp`.
 //! Later delivery state goes to `ID.env` by temp → fsync → rename → dir fsync; it
 //! supersedes the envelope inside `ID.msg`. Removal unlinks `ID.env` first, so a crash
 //! can at worst bring back the first envelope (a repeated delivery), never lose one.
@@ -22,8 +25,11 @@
 //! and directories 0700 whatever the umask. All of this is blocking I/O and runs on
 //! tokio's blocking pool, never on an async worker.
 
+mod draft;
 mod envelope;
+mod spare;
 
+pub use draft::Draft;
 pub use envelope::{Envelope, MessageKind, Rcpt, RcptState};
 
 use crate::disk;
@@ -90,6 +96,8 @@ pub struct Spool {
 struct Inner {
     dir: PathBuf,
     quarantine: PathBuf,
+    /// Finished message files kept for reuse (`spare.rs`).
+    spares: Arc<spare::Spares>,
     dir_sync: mpsc::Sender<oneshot::Sender<io::Result<()>>>,
     seq: AtomicU32,
     /// Corrupt `ID.env` read, envelope taken from `ID.msg` instead.
@@ -97,11 +105,15 @@ struct Inner {
 }
 
 impl Spool {
-    /// Opens (creating) the queue directory and starts the directory-sync thread.
+    /// Opens (creating) the queue directory and its sibling `spare/` (emptied), and
+    /// starts the directory-sync thread.
     pub fn open(dir: &Path, quarantine: &Path) -> Result<Spool, SpoolError> {
         disk::create_dir_durable(dir, disk::PRIVATE).map_err(io_err(dir))?;
+        let spare_dir = dir.with_file_name("spare");
+        let spares = Arc::new(spare::Spares::open(&spare_dir).map_err(io_err(&spare_dir))?);
         let (tx, rx) = mpsc::channel::<oneshot::Sender<io::Result<()>>>();
         let dir_file = File::open(dir).map_err(io_err(dir))?;
+        let gens = spares.clone();
         std::thread::Builder::new()
             .name("spool-dirsync".into())
             .spawn(move || {
@@ -110,7 +122,11 @@ impl Spool {
                 while let Ok(first) = rx.recv() {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
+                    let g = gens.started.fetch_add(1, Ordering::SeqCst) + 1;
                     let res = dir_file.sync_all();
+                    if res.is_ok() {
+                        gens.done.store(g, Ordering::SeqCst);
+                    }
                     for w in waiting {
                         let _ = w.send(match &res {
                             Ok(()) => Ok(()),
@@ -124,6 +140,7 @@ impl Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_owned(),
                 quarantine: quarantine.to_owned(),
+                spares,
                 dir_sync: tx,
                 seq: AtomicU32::new(rand::random::<u16>() as u32),
                 env_fallbacks: AtomicU64::new(0),
@@ -138,6 +155,11 @@ impl Spool {
     /// Free bytes on the spool's file system (one `statvfs`, a few microseconds).
     pub fn free_space(&self) -> io::Result<u64> {
         disk::free_space(&self.inner.dir)
+    }
+
+    /// Spare files waiting for reuse (for the status output and tests).
+    pub fn spares(&self) -> usize {
+        self.inner.spares.len()
     }
 
     /// How many corrupt `ID.env` files were replaced by the envelope in `ID.msg`.
@@ -185,6 +207,40 @@ impl Spool {
     /// Writes message and envelope durably. When this returns Ok, the message
     /// survives a crash or power loss; only then may the client get its 250.
     pub async fn commit(&self, env: &Envelope, body: Arc<Vec<u8>>) -> Result<(), SpoolError> {
+        self.commit_parts(env, body, None).await
+    }
+
+    /// A new draft for a message too large to hold in memory while it arrives.
+    pub async fn draft(&self) -> Result<Draft, SpoolError> {
+        let path = self.path(&self.new_id(), "data.tmp")?;
+        tokio::task::spawn_blocking(move || Draft::create(path))
+            .await
+            .map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Like [`Spool::commit`] for a message whose start is `head` and whose rest is
+    /// `draft`: the draft's bytes are copied after `head` into the same `ID.msg.tmp`
+    /// (in the kernel), then the one commit protocol runs. The draft file is gone
+    /// afterwards, committed or not.
+    pub async fn commit_with_draft(
+        &self,
+        env: &Envelope,
+        head: Arc<Vec<u8>>,
+        draft: &mut Draft,
+    ) -> Result<(), SpoolError> {
+        let tail = draft.path().map(Path::to_owned).ok_or(SpoolError::Closed)?;
+        let res = self.commit_parts(env, head, Some(tail.clone())).await;
+        draft.consumed();
+        let _ = tokio::task::spawn_blocking(move || fs::remove_file(&tail)).await;
+        res
+    }
+
+    async fn commit_parts(
+        &self,
+        env: &Envelope,
+        body: Arc<Vec<u8>>,
+        tail: Option<PathBuf>,
+    ) -> Result<(), SpoolError> {
         // Compact JSON has no line breaks, and the header line ends in CRLF: the file
         // holds no bare LF, like the message after it.
         let env_bytes = serde_json::to_vec(env).expect("envelope serializes");
@@ -192,9 +248,12 @@ impl Spool {
         let fin = self.path(&id, "msg")?;
         let tmp = self.path(&id, "msg.tmp")?;
         let f = fin.clone();
+        let spares = self.inner.spares.clone();
         tokio::task::spawn_blocking(move || -> Result<(), SpoolError> {
             let head = format!("{MAGIC} {}\r\n", env_bytes.len());
-            write_synced(&tmp, &[head.as_bytes(), &env_bytes, &body])?;
+            let reuse = spares.take();
+            let parts = [head.as_bytes(), &env_bytes[..], &body[..]];
+            write_synced(&tmp, &parts, tail.as_deref(), reuse.as_deref())?;
             rename_or_clean(&tmp, &f)
         })
         .await
@@ -214,7 +273,7 @@ impl Spool {
         }
         let tmp = self.path(id, "env.tmp")?;
         let fin = self.path(id, "env")?;
-        write_synced(&tmp, &[bytes])?;
+        write_synced(&tmp, &[bytes], None, None)?;
         rename_or_clean(&tmp, &fin)
     }
 
@@ -229,8 +288,9 @@ impl Spool {
         self.sync_dir().await
     }
 
-    /// Removes a finished message. No fsync: if the unlink is lost in a crash the
-    /// message is delivered again (at-least-once), never lost.
+    /// Removes a finished message: its file becomes a spare for a later commit (or
+    /// is unlinked). No fsync: if the removal is lost in a crash the message is
+    /// delivered again (at-least-once), never lost.
     pub async fn remove(&self, id: &str) -> Result<(), SpoolError> {
         let this = self.clone();
         let id = id.to_string();
@@ -246,7 +306,7 @@ impl Spool {
             _ => {}
         }
         let msg = self.path(id, "msg")?;
-        match fs::remove_file(&msg) {
+        match self.inner.spares.put(id, &msg) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(SpoolError::NotFound(id.to_string()))
@@ -277,6 +337,46 @@ impl Spool {
         let (mut bytes, _, body_start) = self.read_msg_file(id)?;
         bytes.drain(..body_start);
         Ok(bytes)
+    }
+
+    /// For a large message: where its body lies in `ID.msg` (to stream it from
+    /// there), and its first `max` bytes in memory (for the header work).
+    pub fn body_span(
+        &self,
+        id: &str,
+        max: usize,
+    ) -> Result<(PathBuf, u64, u64, Vec<u8>), SpoolError> {
+        use std::io::{Read, Seek};
+        let p = self.path(id, "msg")?;
+        let not_found = |e: io::Error| {
+            if e.kind() == io::ErrorKind::NotFound {
+                SpoolError::NotFound(id.to_string())
+            } else {
+                io_err(&p)(e)
+            }
+        };
+        let mut f = File::open(&p).map_err(not_found)?;
+        let total = f.metadata().map_err(io_err(&p))?.len();
+        let mut first = vec![0u8; 64];
+        let n = f.read(&mut first).map_err(io_err(&p))?;
+        first.truncate(n);
+        let (_, body_start) = split_head(&first).ok_or_else(|| SpoolError::Corrupt {
+            path: p.clone(),
+            message: "bad spool file header".into(),
+        })?;
+        let start = body_start as u64;
+        let len = total
+            .checked_sub(start)
+            .ok_or_else(|| SpoolError::Corrupt {
+                path: p.clone(),
+                message: "spool file shorter than its header says".into(),
+            })?;
+        f.seek(io::SeekFrom::Start(start)).map_err(io_err(&p))?;
+        let mut head = Vec::with_capacity(max.min(len as usize));
+        f.take(max as u64)
+            .read_to_end(&mut head)
+            .map_err(io_err(&p))?;
+        Ok((p, start, len, head))
     }
 
     pub async fn read_body_async(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
@@ -458,8 +558,9 @@ impl Spool {
 /// First token of a spool file (`TENSO-SPOOL-1 <envelope length>\r\n`).
 const MAGIC: &str = "TENSO-SPOOL-1";
 
-/// Offsets of the envelope and of the message inside a spool file.
-fn split_msg(bytes: &[u8]) -> Option<(usize, usize)> {
+/// Offsets of the envelope and of the message from the first line of a spool file
+/// (the message may lie beyond `bytes`).
+fn split_head(bytes: &[u8]) -> Option<(usize, usize)> {
     let nl = bytes.iter().take(64).position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&bytes[..nl]).ok()?;
     let len: usize = head
@@ -468,8 +569,12 @@ fn split_msg(bytes: &[u8]) -> Option<(usize, usize)> {
         .trim()
         .parse()
         .ok()?;
-    let env_start = nl + 1;
-    let body_start = env_start.checked_add(len)?;
+    Some((nl + 1, (nl + 1).checked_add(len)?))
+}
+
+/// Offsets of the envelope and of the message inside a spool file.
+fn split_msg(bytes: &[u8]) -> Option<(usize, usize)> {
+    let (env_start, body_start) = split_head(bytes)?;
     (body_start <= bytes.len()).then_some((env_start, body_start))
 }
 
@@ -507,22 +612,51 @@ fn read_head(path: &Path) -> io::Result<Vec<u8>> {
     Ok(buf[nl + 1..need].to_vec())
 }
 
-/// Creates `path` (0600), writes the parts, fsyncs (data only: the rename and the
-/// directory fsync that follow make the name durable). The file did not exist before:
-/// ids are unique, and a stale temp file from a crash is truncated. On any failure the
-/// file is removed at once: a full disk must not keep the space it could not use.
-fn write_synced(path: &Path, parts: &[&[u8]]) -> Result<(), SpoolError> {
+/// Creates `path` (0600), writes the parts and then the whole file `tail` (a draft,
+/// copied by `copy_file_range` without passing through user space), fsyncs (data
+/// only: the rename and the directory fsync that follow make the name durable). The
+/// file did not exist before: ids are unique, and a stale temp file from a crash is
+/// truncated. On any failure the file is removed at once: a full disk must not keep
+/// the space it could not use.
+fn write_synced(
+    path: &Path,
+    parts: &[&[u8]],
+    tail: Option<&Path>,
+    reuse: Option<&Path>,
+) -> Result<(), SpoolError> {
     let res = (|| {
-        let mut f = disk::create_file(path, disk::PRIVATE, true)?;
+        let mut f = open_for_write(path, reuse)?;
+        let mut len = 0;
         for p in parts {
             f.write_all(p)?;
+            len += p.len() as u64;
         }
+        if let Some(t) = tail {
+            len += io::copy(&mut File::open(t)?, &mut f)?;
+        }
+        // A reused file may be longer than what was written now.
+        f.set_len(len)?;
         f.sync_data()
     })();
     res.map_err(|e| {
         let _ = fs::remove_file(path);
         io_err(path)(e)
     })
+}
+
+/// A new file at `path`, or the spare file `reuse` renamed there (overwritten from
+/// its start; the caller cuts it to length). A spare that cannot be taken is
+/// unlinked and a new file created: reuse is only ever an optimisation.
+fn open_for_write(path: &Path, reuse: Option<&Path>) -> io::Result<File> {
+    if let Some(spare) = reuse {
+        match fs::rename(spare, path) {
+            Ok(()) => return fs::OpenOptions::new().write(true).open(path),
+            Err(_) => {
+                let _ = fs::remove_file(spare);
+            }
+        }
+    }
+    disk::create_file(path, disk::PRIVATE, true)
 }
 
 /// Renames a written temp file into place, removing it if the rename fails.
@@ -557,6 +691,80 @@ mod tests {
         assert_eq!(s.read_body(&id).unwrap(), b"Subject: x\r\n\r\nhi\r\n");
         s.remove(&id).await.unwrap();
         assert!(s.list().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_draft_commits_after_its_head_and_leaves_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let q = d.path().join("q");
+        let s = Spool::open(&q, &d.path().join("quar")).unwrap();
+        let mut draft = s.draft().await.unwrap();
+        let buf = draft.append(b"body line\r\n".to_vec()).await.unwrap();
+        assert!(buf.is_empty());
+        draft.append(b"caf\xc3\xa9\r\n".to_vec()).await.unwrap();
+        assert_eq!((draft.len(), draft.eight_bit()), (18, true));
+        let id = s.new_id();
+        s.commit_with_draft(
+            &env(&id),
+            Arc::new(b"Subject: x\r\n\r\n".to_vec()),
+            &mut draft,
+        )
+        .await
+        .unwrap();
+        drop(draft);
+        assert_eq!(
+            s.read_body(&id).unwrap(),
+            b"Subject: x\r\n\r\nbody line\r\ncaf\xc3\xa9\r\n"
+        );
+        // A draft nobody commits is removed when dropped; either way, only ID.msg stays.
+        let lost = s.draft().await.unwrap();
+        drop(lost);
+        tokio::task::yield_now().await;
+        for _ in 0..100 {
+            if fs::read_dir(&q).unwrap().count() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let left: Vec<_> = fs::read_dir(&q)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(format!("{id}.msg"))]);
+    }
+
+    #[tokio::test]
+    async fn a_finished_file_is_reused_only_after_a_directory_fsync() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Spool::open(&d.path().join("q"), &d.path().join("quar")).unwrap();
+        let long = s.new_id();
+        s.commit(&env(&long), Arc::new(vec![b'x'; 5000]))
+            .await
+            .unwrap();
+        s.remove(&long).await.unwrap();
+        assert_eq!(s.spares(), 1);
+        assert!(d.path().join("spare").join(&long).exists());
+        // The next commit runs before any fsync covered the removal: a new file.
+        let a = s.new_id();
+        s.commit(&env(&a), Arc::new(b"a\r\n".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(s.spares(), 1);
+        // Its directory fsync covered the removal: the spare is taken, cut to length.
+        let b = s.new_id();
+        s.commit(&env(&b), Arc::new(b"short\r\n".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(s.spares(), 0);
+        assert!(!d.path().join("spare").join(&long).exists());
+        assert_eq!(s.read_body(&b).unwrap(), b"short\r\n");
+        assert_eq!(s.read_envelope(&b).unwrap().id, b);
+        // A restart empties the pool.
+        s.remove(&a).await.unwrap();
+        drop(s);
+        let s = Spool::open(&d.path().join("q"), &d.path().join("quar")).unwrap();
+        assert_eq!(s.spares(), 0);
+        assert_eq!(fs::read_dir(d.path().join("spare")).unwrap().count(), 0);
     }
 
     #[tokio::test]
