@@ -456,3 +456,44 @@ fn shared_pool_limits_and_maildir_export() {
     assert!(other.try_list(None).is_err());
     assert!(pool.deliver("lim@x.test", &msg(9)).is_err());
 }
+
+/// A login read while the database is away is an error (AUTH answers 454 4.7.0 and
+/// counts no failure), not "no such login" (which AUTH would answer 535 and count
+/// towards the client's lockout).
+#[test]
+fn a_login_read_without_the_database_is_a_fault_not_a_wrong_password() {
+    let pg = PgCluster::start();
+    let url = pg.create_db("tenso", "login-secret");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "login-secret\n").unwrap();
+    let cfg = tenso::config::TableConfig {
+        url: Some(url),
+        password_file: Some(pw),
+        ..Default::default()
+    };
+    tenso::table::pg::PgStore::open(&cfg)
+        .unwrap()
+        .migrate()
+        .unwrap();
+    let t = tenso::table::Table::open_postgres(&dir.path().join("node"), 1 << 20, None, 8, &cfg)
+        .unwrap();
+    t.add(
+        "alice@alias.test",
+        &["a@dest.test".into()],
+        tenso::config::BouncePolicy::Pool,
+    )
+    .unwrap();
+    let logins = t.logins().unwrap();
+    let argon = tenso::table::logins::hasher(64, 1, 1).unwrap();
+    let hash = tenso::table::logins::hash_password(&argon, b"correct horse").unwrap();
+    logins.set("alice@alias.test", &hash).unwrap();
+    assert_eq!(logins.hash_of("alice@alias.test").unwrap(), Some(hash));
+    assert_eq!(logins.hash_of("bob@alias.test").unwrap(), None);
+    drop(pg);
+    assert!(
+        logins.hash_of("alice@alias.test").is_err(),
+        "the database away must not read as 'no login'"
+    );
+    assert!(logins.has("alice@alias.test").is_err());
+}

@@ -308,7 +308,7 @@ async fn execute_inner(ctx: &Ctx<'_>, req: Request) -> Result<Value, String> {
             let entry = t.get(&alias).map_err(e)?;
             let health = t.health(&alias).map_err(e)?;
             let mut v = alias_json(&alias.to_lowercase(), &entry, &health);
-            v["login"] = json!(t.logins().map_err(e)?.has(&alias));
+            v["login"] = json!(t.logins().map_err(e)?.has(&alias).map_err(e)?);
             v["spam_effective"] = json!(entry.spam.unwrap_or(ctx.cfg.spam.default));
             v["pool"] = json!(ctx.pool.count(&alias));
             if let Some(h) = v["health"].as_array_mut() {

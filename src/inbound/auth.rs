@@ -214,23 +214,26 @@ impl Session {
         .await
         {
             Ok(Ok(p)) => p,
-            _ => return self.auth_tempfail(svc),
+            _ => return self.auth_tempfail(svc, "no verification slot in time"),
         };
         let (logins, dummy) = (svc.logins.clone(), svc.dummy_hash.clone());
         let name = crate::table::logins::Logins::canonical(&creds.login);
         let lookup = name.clone();
         let checked = tokio::task::spawn_blocking(move || {
             let _slot = permit;
-            let stored = lookup.as_deref().and_then(|n| logins.hash_of(n));
+            let stored = match lookup.as_deref().map(|n| logins.hash_of(n)) {
+                Some(Err(e)) => return Err(e),
+                found => found.and_then(Result::ok).flatten(),
+            };
             let ok = crate::table::logins::verify(
                 stored.as_deref().unwrap_or(&dummy),
                 creds.password.as_bytes(),
             );
-            (ok && stored.is_some(), stored.is_some())
+            Ok((ok && stored.is_some(), stored.is_some()))
         })
         .await;
         match checked {
-            Ok((true, _)) => {
+            Ok(Ok((true, _))) => {
                 let login = name.unwrap_or_default();
                 svc.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(client = %self.peer.ip(), %login, "authenticated");
@@ -239,14 +242,16 @@ impl Session {
                 }
                 self.reply(Reply::new(235, "2.7.0", "authentication successful"));
             }
-            Ok((false, known)) => self.auth_failed(svc, name.filter(|_| known)).await,
-            Err(_) => self.auth_tempfail(svc),
+            Ok(Ok((false, known))) => self.auth_failed(svc, name.filter(|_| known)).await,
+            // The table could not say: not the client's failure, not counted as one.
+            Ok(Err(e)) => self.auth_tempfail(svc, &format!("cannot read the login: {e}")),
+            Err(_) => self.auth_tempfail(svc, "verification task failed"),
         }
     }
 
-    fn auth_tempfail(&mut self, svc: &Service) {
+    fn auth_tempfail(&mut self, svc: &Service, why: &str) {
         svc.counters.auth_tempfail.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(client = %self.peer.ip(), "AUTH: no verification slot in time");
+        tracing::warn!(client = %self.peer.ip(), why, "AUTH: temporary failure");
         self.reply(Reply::new(454, "4.7.0", "temporary authentication failure"));
     }
 

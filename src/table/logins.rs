@@ -177,32 +177,34 @@ impl Logins {
         }
     }
 
-    /// The stored hash of a login, or None (no such alias, no login, or a name that
-    /// is no alias at all: the caller cannot tell them apart, nor can a client).
-    pub fn hash_of(&self, login: &str) -> Option<String> {
-        let (_, k) = self.key_of(login).ok()?;
+    /// The stored hash of a login: `Ok(None)` when there is none (no such alias, no
+    /// login, or a name that is no alias at all: the caller cannot tell them apart,
+    /// nor can a client). `Err` when the store cannot answer (the database away, a
+    /// storage error): a fault is a temporary failure, never "wrong password".
+    pub fn hash_of(&self, login: &str) -> Result<Option<String>, TableError> {
+        let Ok((_, k)) = self.key_of(login) else {
+            return Ok(None);
+        };
         let v = match &self.store {
             LoginStore::Sled { tree, aliases, .. } => {
-                let v = tree.get(&k).ok()??;
-                if !aliases.contains_key(&k).ok()? {
-                    return None;
+                let Some(v) = tree.get(&k)? else {
+                    return Ok(None);
+                };
+                if !aliases.contains_key(&k)? {
+                    return Ok(None);
                 }
                 v.to_vec()
             }
-            // The database away: no login answers (AUTH fails as if wrong, logged).
-            LoginStore::Pg(p) => match p.login_get(&k) {
-                Ok(v) => v?.into_bytes(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read a login from the table");
-                    return None;
-                }
+            LoginStore::Pg(p) => match p.login_get(&k)? {
+                Some(v) => v.into_bytes(),
+                None => return Ok(None),
             },
         };
-        serde_json::from_slice::<Login>(&v).ok().map(|l| l.hash)
+        Ok(serde_json::from_slice::<Login>(&v).ok().map(|l| l.hash))
     }
 
-    pub fn has(&self, alias: &str) -> bool {
-        self.hash_of(alias).is_some()
+    pub fn has(&self, alias: &str) -> Result<bool, TableError> {
+        Ok(self.hash_of(alias)?.is_some())
     }
 
     /// The login name in its stored form (lowercase, quoted when needed), for MAIL
@@ -293,13 +295,14 @@ mod tests {
         l.set("alice@alias.test", &h).unwrap();
         let stored = l
             .hash_of("ALICE@alias.TEST")
+            .unwrap()
             .expect("login found by any case");
         assert!(verify(&stored, b"correct horse"));
         assert!(!verify(&stored, b"correct horsE"));
         assert!(!verify(&stored, b""));
         assert!(!verify("garbage", b"correct horse"));
         assert!(
-            l.hash_of("alice+tag@alias.test").is_none(),
+            l.hash_of("alice+tag@alias.test").unwrap().is_none(),
             "no subaddress login"
         );
         assert_eq!(
@@ -308,7 +311,7 @@ mod tests {
         );
         // Removing the alias removes its login.
         t.remove("alice@alias.test").unwrap();
-        assert!(l.hash_of("alice@alias.test").is_none());
+        assert!(l.hash_of("alice@alias.test").unwrap().is_none());
         t.add(
             "alice@alias.test",
             &["a@dest.test".into()],
@@ -316,7 +319,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            !l.has("alice@alias.test"),
+            !l.has("alice@alias.test").unwrap(),
             "a new alias starts without a login"
         );
         l.set("alice@alias.test", &h).unwrap();
