@@ -14,7 +14,7 @@ mod common;
 use bounce_support::*;
 use common::daemon::Tenso;
 use common::postgres::PgCluster;
-use common::sink::TestSink;
+use common::sink::{Reply, TestSink};
 use common::smtp_client::RawSmtp;
 use std::time::{Duration, Instant};
 
@@ -102,7 +102,19 @@ async fn two_nodes_share_one_table_and_survive_the_database_going_away() {
     let mut pg = PgCluster::start();
     let url = pg.create_db("tenso", "fleet-secret");
     let dns = dns().await;
-    let sink = TestSink::builder().dsn(true).start().await;
+    // held@dest.test defers its first attempt: that copy is still queued on A when
+    // the database goes away, and must be delivered all the same.
+    let sink = TestSink::builder()
+        .dsn(true)
+        .rcpt_policy(|rcpt, attempt| {
+            if rcpt == "held@dest.test" && attempt == 1 {
+                Reply::tempfail()
+            } else {
+                Reply::ok()
+            }
+        })
+        .start()
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let table = table_section(&url, dir.path(), "view_grace = \"2s\"\nview_check = \"5s\"");
     // A exports the fleet's pool into its Maildir (for its IMAP server).
@@ -194,6 +206,21 @@ async fn two_nodes_share_one_table_and_survive_the_database_going_away() {
     let u = user_show(&a, "anna@alias.test").await;
     assert_eq!(u["health"][0]["status"], "5.2.2", "{u}");
 
+    // A copy accepted before the database goes away, deferred by its next hop.
+    add_alias(&a, "held@alias.test", &["held@dest.test"], "pool").await;
+    send(
+        &a,
+        "sender@origin.test",
+        &["held@alias.test"],
+        &original("held-1@origin.test", "held@alias.test", "held"),
+    )
+    .await;
+    common::wait_until(WAIT, || async {
+        (sink.rcpt_attempts("held@dest.test") >= 1).then_some(())
+    })
+    .await
+    .expect("the held copy was never tried");
+
     // The database goes away: an unknown answer is 451, never 550.
     wait_health(&a, 200).await;
     pg.stop();
@@ -207,6 +234,22 @@ async fn two_nodes_share_one_table_and_survive_the_database_going_away() {
             .await
     );
     wait_health(&a, 503).await;
+    // Mail already accepted is delivered while the table is away (the spool is the
+    // node's own; the correlation log and health writes only warn).
+    a.cli_ok(&["queue", "flush"]).await;
+    common::wait_until(WAIT, || async {
+        sink.messages()
+            .iter()
+            .any(|m| m.rcpts.iter().any(|r| r == "held@dest.test"))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the held copy was not delivered without the database\nA log:\n{}",
+            a.log()
+        )
+    });
     // Back without a restart of either node.
     pg.start_server();
     wait_rcpt(&a, "anna@alias.test", 250, Duration::from_secs(30)).await;
