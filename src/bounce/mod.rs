@@ -15,7 +15,7 @@ pub mod pool;
 use crate::config::{BouncePolicy, Config};
 use crate::smtp::header::header_section;
 use crate::spool::{Envelope, MessageKind, Rcpt, RcptState, Spool};
-use crate::table::Table;
+use crate::table::{Table, TableError};
 use dsn::{Action, DsnRecipient, DsnReport};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -147,6 +147,15 @@ impl Bounce {
         Ok(id)
     }
 
+    /// The alias's destinations, off the async workers: a fleet's table may have to
+    /// ask its database (within the query deadline) when the node's view cannot answer.
+    async fn destinations_of(&self, alias: &str) -> Result<Vec<String>, TableError> {
+        let (table, cfg, alias) = (self.table.clone(), self.cfg.clone(), alias.to_string());
+        tokio::task::spawn_blocking(move || crate::forward::destinations(&table, &cfg, &alias))
+            .await
+            .unwrap_or_else(|e| Err(TableError::Unavailable(e.to_string())))
+    }
+
     /// Applies the alias's bounce policy to a bounce addressed to it: pool it, or
     /// commit a copy for the alias's destinations with `MAIL FROM:<>`. Returns the
     /// message to schedule, if any. Errors mean nothing was stored.
@@ -159,22 +168,20 @@ impl Bounce {
     ) -> Result<Option<Queued>, String> {
         let dests = match policy {
             BouncePolicy::Pool => None,
-            BouncePolicy::Forward => {
-                match crate::forward::destinations(&self.table, &self.cfg, alias) {
-                    Ok(d) if d.is_empty() => None,
-                    Ok(d) if self.take_forward_slot(alias) => Some(d),
-                    Ok(_) => {
-                        self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            alias,
-                            limit = self.cfg.bounce.forward_rate_per_hour,
-                            "bounce forward rate exceeded: pooling instead"
-                        );
-                        None
-                    }
-                    Err(_) => None,
+            BouncePolicy::Forward => match self.destinations_of(alias).await {
+                Ok(d) if d.is_empty() => None,
+                Ok(d) if self.take_forward_slot(alias) => Some(d),
+                Ok(_) => {
+                    self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        alias,
+                        limit = self.cfg.bounce.forward_rate_per_hour,
+                        "bounce forward rate exceeded: pooling instead"
+                    );
+                    None
                 }
-            }
+                Err(_) => None,
+            },
         };
         let Some(dests) = dests else {
             let id = self
@@ -401,7 +408,7 @@ impl Bounce {
         }
         let mut out = Vec::new();
         for (alias, list) in by_alias {
-            let Ok(dests) = crate::forward::destinations(&self.table, &self.cfg, &alias) else {
+            let Ok(dests) = self.destinations_of(&alias).await else {
                 continue;
             };
             // A disabled alias (or one whose destinations all fail) gets no digest.
