@@ -79,30 +79,8 @@ impl Session {
             .take()
             .expect("DATA only starts inside a transaction");
         let client = self.peer.ip();
-        if let Some(err) = dec.error {
-            self.ctx
-                .counters
-                .refused_data
-                .fetch_add(1, Ordering::Relaxed);
-            if matches!(err, DataError::TooBig) {
-                self.ctx.counters.too_big.fetch_add(1, Ordering::Relaxed);
-            }
-            let reply = data_error_reply(err, self.ctx.cfg.smtp.max_message_size);
-            tracing::warn!(client = %client, size = dec.size, reply = %reply, "message refused");
+        if let Err(reply) = self.refuse_unchecked(&dec, &body) {
             return self.reply(reply);
-        }
-        let hops = count_fields(header_section(&body), "received");
-        if hops > self.ctx.cfg.delivery.max_hops {
-            self.ctx
-                .counters
-                .refused_data
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client = %client, hops, "message refused: too many hops");
-            return self.reply(Reply::new(
-                554,
-                "5.4.6",
-                format!("too many hops ({hops} Received headers): mail loop?"),
-            ));
         }
         let mut draft = match spilled {
             Ok(d) => d,
@@ -176,43 +154,10 @@ impl Session {
         let unknown = self.unknown_recipients(&id, &tx, &mut targets);
 
         // Bounces coming home to an alias (proposal 2) go through its bounce policy.
-        if tx.reverse_path.is_empty() {
-            let bounce_targets: Vec<BounceTarget> = targets
-                .iter()
-                .filter_map(|t| match t {
-                    forward::Target::Alias { found, .. } => Some(BounceTarget {
-                        alias: found.alias.clone(),
-                        policy: found.entry.bounce,
-                        looped: looped(&t.trace_id()),
-                    }),
-                    _ => None,
-                })
-                .collect();
-            if !bounce_targets.is_empty() {
-                match self.ctx.bounce.incoming(&bounce_targets, &msg).await {
-                    Ok(None) => {}
-                    Ok(Some(handled)) => {
-                        tracing::info!(
-                            queue_id = %id,
-                            client = %client,
-                            pooled = handled.pooled,
-                            forwarded = handled.queued.len(),
-                            dropped = handled.dropped,
-                            correlated = handled.correlated,
-                            "bounce received for alias"
-                        );
-                        for (e, b) in handled.queued {
-                            self.ctx.queue.enqueue(e, Some(b));
-                        }
-                        targets.retain(|t| !matches!(t, forward::Target::Alias { .. }));
-                    }
-                    Err(e) => {
-                        tracing::error!(queue_id = %id, client = %client, error = %e, "cannot store bounce");
-                        let full = self.ctx.short_of_space(msg.len() as u64);
-                        return self.reply(self.ctx.storage_failure(full));
-                    }
-                }
-            }
+        if tx.reverse_path.is_empty()
+            && let Err(reply) = self.bounces_home(&id, &mut targets, &msg, &looped).await
+        {
+            return self.reply(reply);
         }
 
         if let Some(reason) = &verdict.doomed
@@ -225,29 +170,13 @@ impl Session {
             return self.reply(reply);
         }
 
-        let mut rcpts = Vec::new();
-        for expanded in self.expand_targets(&targets, &tx.reverse_path).await {
-            match expanded {
-                Ok(mut r) => {
-                    // tenso's own trace for this alias: the message has been here
-                    // before, so forwarding it again would loop.
-                    for x in r.iter_mut() {
-                        if x.state == RcptState::Pending && looped(&x.trace_id()) {
-                            forward::fail(x, "5.4.6", "mail forwarding loop for this alias");
-                        }
-                    }
-                    rcpts.extend(r);
-                }
-                Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "table lookup failed");
-                    return self.reply(Reply::new(
-                        451,
-                        "4.3.0",
-                        "temporary failure, try again later",
-                    ));
-                }
-            }
-        }
+        let mut rcpts = match self
+            .recipients_of(&id, &targets, &tx.reverse_path, &looped)
+            .await
+        {
+            Ok(r) => r,
+            Err(reply) => return self.reply(reply),
+        };
         // Proposal 1b: the unknown recipients travel in the message's own envelope,
         // failed and not yet reported, so the DSN to the sender is made by the queue
         // from the committed message — never before it (a 451 retry would send one
@@ -300,6 +229,109 @@ impl Session {
             tracing::info!(queue_id = %id, to = %tx.reverse_path, unknown = n_unknown, "unknown recipients: DSN to the sender is due");
         }
         self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+    }
+
+    /// Refusals that need no lookup: the decoder's verdict and the hop count.
+    fn refuse_unchecked(&self, dec: &DataDecoder, body: &[u8]) -> Result<(), Reply> {
+        let client = self.peer.ip();
+        let counters = &self.ctx.counters;
+        if let Some(err) = dec.error {
+            counters.refused_data.fetch_add(1, Ordering::Relaxed);
+            if matches!(err, DataError::TooBig) {
+                counters.too_big.fetch_add(1, Ordering::Relaxed);
+            }
+            let reply = data_error_reply(err, self.ctx.cfg.smtp.max_message_size);
+            tracing::warn!(client = %client, size = dec.size, reply = %reply, "message refused");
+            return Err(reply);
+        }
+        let hops = count_fields(header_section(body), "received");
+        if hops > self.ctx.cfg.delivery.max_hops {
+            counters.refused_data.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %client, hops, "message refused: too many hops");
+            return Err(Reply::new(
+                554,
+                "5.4.6",
+                format!("too many hops ({hops} Received headers): mail loop?"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A bounce (`MAIL FROM:<>`) to aliases: each alias's bounce policy takes it
+    /// (pooled or forwarded, durably) and those aliases leave `targets`.
+    async fn bounces_home(
+        &mut self,
+        id: &str,
+        targets: &mut Vec<forward::Target>,
+        msg: &[u8],
+        looped: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<(), Reply> {
+        let client = self.peer.ip();
+        let bounce_targets: Vec<BounceTarget> = targets
+            .iter()
+            .filter_map(|t| match t {
+                forward::Target::Alias { found, .. } => Some(BounceTarget {
+                    alias: found.alias.clone(),
+                    policy: found.entry.bounce,
+                    looped: looped(&t.trace_id()),
+                }),
+                _ => None,
+            })
+            .collect();
+        if bounce_targets.is_empty() {
+            return Ok(());
+        }
+        match self.ctx.bounce.incoming(&bounce_targets, msg).await {
+            Ok(None) => Ok(()),
+            Ok(Some(handled)) => {
+                tracing::info!(
+                    queue_id = %id,
+                    client = %client,
+                    pooled = handled.pooled,
+                    forwarded = handled.queued.len(),
+                    dropped = handled.dropped,
+                    correlated = handled.correlated,
+                    "bounce received for alias"
+                );
+                for (e, b) in handled.queued {
+                    self.ctx.queue.enqueue(e, Some(b));
+                }
+                targets.retain(|t| !matches!(t, forward::Target::Alias { .. }));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %id, client = %client, error = %e, "cannot store bounce");
+                let full = self.ctx.short_of_space(msg.len() as u64);
+                Err(self.ctx.storage_failure(full))
+            }
+        }
+    }
+
+    /// The envelope recipients of the copy: every target expanded, and a destination
+    /// whose alias trace the message already carries failed as a loop.
+    async fn recipients_of(
+        &self,
+        id: &str,
+        targets: &[forward::Target],
+        reverse_path: &str,
+        looped: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Vec<Rcpt>, Reply> {
+        let mut rcpts = Vec::new();
+        for expanded in self.expand_targets(targets, reverse_path).await {
+            let mut r = expanded.map_err(|e| {
+                tracing::error!(queue_id = %id, error = %e, "table lookup failed");
+                Reply::new(451, "4.3.0", "temporary failure, try again later")
+            })?;
+            // tenso's own trace for this alias: the message has been here before, so
+            // forwarding it again would loop.
+            for x in r.iter_mut() {
+                if x.state == RcptState::Pending && looped(&x.trace_id()) {
+                    forward::fail(x, "5.4.6", "mail forwarding loop for this alias");
+                }
+            }
+            rcpts.extend(r);
+        }
+        Ok(rcpts)
     }
 
     /// A spilled message stays on disk unless a check needs it whole in memory: DKIM
