@@ -5,8 +5,12 @@
 #   BASE_BIN=/path/to/older/tenso benches/memory.sh   # + the same run against another build
 #
 # One tenso daemon (delivery to the harness's smtp-sink) receives CONC messages of SIZE
-# bytes over CONC concurrent sessions at once (Postfix's smtp-source, one message per
-# session), and forwards them. Prints one MEMORY line per binary: the RSS before the
+# bytes over CONC concurrent sessions at once (Postfix's smtp-source -F, one message per
+# session), and forwards them. The message carries a DKIM-Signature, so under the
+# defaults (SPF and DKIM on) tenso hashes each body for DKIM at the end of DATA. DNS
+# goes to a loopback port where nothing answers: every lookup is refused at once and
+# recorded as temperror (the bench measures memory, not DNS). The same load runs a
+# second time with `[auth] spf = false, dkim = false` (label tenso-auth-off). Prints one MEMORY line per binary: the RSS before the
 # load, the peak RSS (VmHWM from /proc) over the whole transfer and delivery, the
 # per-transfer increase, and msgs/s end to end. The issue's target: peak RSS under
 # 64 MB + 256 KB per concurrent transfer (150 MB for 100 × 20 MB). Bounded: the wait
@@ -18,6 +22,7 @@ PF="$HERE/postfix-perf"
 . "$PF/env.sh"
 CONC=${CONC:-100}; SIZE=${SIZE:-20971520}
 TENSO_PORT=${TENSO_PORT:-2633}
+DNS_PORT=${DNS_PORT:-2653}   # nothing listens here
 TDIR=$PERF_WORK/tenso-memory
 OUT=${OUT:-$HERE/results/memory-$(date -u +%Y%m%dT%H%M%SZ).results}
 mkdir -p "$(dirname "$OUT")"
@@ -26,8 +31,23 @@ BIN=${BIN:-$ROOT/target/release/tenso}
 command -v smtp-source >/dev/null || "$PF/setup.sh" > "$PERF_WORK.setup.log" 2>&1
 start_sink
 
-run_one() {  # LABEL BIN
-    local label=$1 bin=$2
+# The message: a DKIM-Signature (its key will not be found; the body is hashed first)
+# and SIZE bytes of body in lines of 78 octets with runs of blanks.
+MSG=$PERF_WORK/memory-$SIZE.eml
+if [ ! -s "$MSG" ]; then
+    {
+        printf 'From: <sender@sender.test>\nTo: <user@%s>\nSubject: memory\n' "$ALIAS_DOMAIN"
+        printf 'DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test; s=bench;\n'
+        printf ' h=from:to:subject; bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=AAAA\n\n'
+        yes 'memory benchmark body line  with 	 blanks  and some text to make it 78 octets' |
+            head -c "$SIZE"
+    } > "$MSG"
+fi
+
+run_one() {  # LABEL BIN AUTH(on|off)
+    local label=$1 bin=$2 auth=$3
+    local auth_conf=""
+    [ "$auth" = on ] || auth_conf=$'spf = false\ndkim = false'
     [ -s "$TDIR/pid" ] && kill "$(cat "$TDIR/pid")" 2>/dev/null || true
     rm -rf "$TDIR"; mkdir -p "$TDIR"
     cat > "$TDIR/tenso.toml" <<CONF
@@ -39,8 +59,11 @@ max_message_size = $((SIZE * 2))
 [delivery]
 routes = { "dest.test" = "127.0.0.1:$SINK_PORT" }
 [auth]
-spf = false
-dkim = false
+$auth_conf
+[dns]
+nameservers = ["127.0.0.1:$DNS_PORT"]
+timeout = "1s"
+attempts = 1
 [tls]
 starttls = false
 [limits]
@@ -57,7 +80,7 @@ CONF
     local i; for i in $(seq 1 100); do port_listening "$TENSO_PORT" && break; sleep 0.1; done
     local before; before=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
     local base; base=$(sink_count); local t0; t0=$(date +%s.%N)
-    smtp-source -s "$CONC" -m "$CONC" -l "$SIZE" -f "sender@sender.test" -t "user@$ALIAS_DOMAIN" \
+    smtp-source -s "$CONC" -m "$CONC" -F "$MSG" -f "sender@sender.test" -t "user@$ALIAS_DOMAIN" \
         "127.0.0.1:$TENSO_PORT" 2> "$TDIR/source.err" || true
     for i in $(seq 1 "$((${WAIT_TIMEOUT:-900} * 10))"); do
         [ "$(sink_count)" -ge $((base + CONC)) ] && break; sleep 0.1; done
@@ -70,5 +93,6 @@ CONF
             l, c, s, b/1024, p/1024, (p-b)/c, g, g/(t1-t0), 64 + c*0.25 }' | tee -a "$OUT"
 }
 echo "# memory: CONC=$CONC SIZE=$SIZE $(uptime)" | tee -a "$OUT"
-run_one tenso "$BIN"
-[ -z "${BASE_BIN:-}" ] || run_one tenso-base "$BASE_BIN"
+run_one tenso "$BIN" on
+run_one tenso-auth-off "$BIN" off
+[ -z "${BASE_BIN:-}" ] || run_one tenso-base "$BASE_BIN" on

@@ -9,7 +9,9 @@
 //! - tenso's own sealer (`[dkim] arc = true`, key from `tenso dkim keygen`): a message
 //!   forwarded twice through tenso carries two sets that dkimpy verifies, and tenso
 //!   itself verifies its first set on the second pass (`arc=pass`, the original
-//!   client's address as `smtp.remote-ip`); a tampered copy fails for both.
+//!   client's address as `smtp.remote-ip`); a tampered copy fails for both; a copy
+//!   too large to stay in memory (sealed from its body hash made from the spool
+//!   draft) verifies with dkimpy.
 
 mod auth_support;
 mod common;
@@ -276,8 +278,35 @@ async fn tensos_own_seals_verify_with_dkimpy_and_with_tenso() {
         "a failed chain is not extended"
     );
 
+    // A body past what a session keeps in memory: sealed from its hash made in
+    // pieces from the spool draft.
+    let mut large = plain("own-large");
+    for i in 0..8000 {
+        large.extend_from_slice(format!("line {i}  with \t blanks \r\n").as_bytes());
+    }
+    large.extend_from_slice(b" \r\n\r\n");
+    assert!(large.len() > 200 * 1024);
+    submit_ok(
+        &t,
+        "127.0.0.1",
+        "mx.origin.test",
+        "sender@origin.test",
+        &["bob@alias.test"],
+        &large,
+    )
+    .await;
+    let large = dest
+        .wait_for(4, WAIT)
+        .await
+        .into_iter()
+        .find(|d| d.data.windows(9).any(|w| w == b"own-large"))
+        .unwrap()
+        .data;
+    assert_eq!(arc_clause(&large), "arc=none smtp.remote-ip=127.0.0.1");
+
     let copies: BTreeMap<String, Vec<u8>> = [
         ("first".to_string(), first),
+        ("large".to_string(), large),
         ("second".to_string(), second),
         ("tampered".to_string(), tampered.into_bytes()),
     ]
@@ -288,6 +317,7 @@ async fn tensos_own_seals_verify_with_dkimpy_and_with_tenso() {
         py.into_iter().collect::<Vec<_>>(),
         [
             ("first".to_string(), "pass".to_string()),
+            ("large".to_string(), "pass".to_string()),
             ("second".to_string(), "pass".to_string()),
             ("tampered".to_string(), "fail".to_string()),
         ]

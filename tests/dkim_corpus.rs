@@ -99,8 +99,31 @@ fn body(kind: &str) -> &'static str {
         "no-final-crlf" => "first line\r\nlast line without CRLF",
         "empty" => "",
         "dots" => ".leading dot\r\n..two dots\r\n.\r\nend\r\n",
+        "large" => large_body(),
         other => panic!("no body {other}"),
     }
+}
+
+/// A body of about 300 KB: past what a session keeps in memory (128 KiB), so tenso
+/// hashes it from the spool draft in pieces. WSP runs, trailing WSP, blank and
+/// whitespace-only lines throughout and at the end, and one marker line deep inside.
+fn large_body() -> &'static str {
+    static BODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| {
+        let mut b = String::new();
+        for i in 0..6000 {
+            match i % 50 {
+                0 => b.push_str("   \r\n\r\n"),
+                25 => b.push_str("\t\r\n"),
+                _ => b.push_str(&format!("line {i:05}  with\t \truns of  blanks \t\r\n")),
+            }
+            if i == 4321 {
+                b.push_str("DEEP MARKER LINE\r\n");
+            }
+        }
+        b.push_str(" \r\n\r\n\t\r\n");
+        b
+    })
 }
 
 fn message(id: &str, subject: &str, body: &str) -> Vec<u8> {
@@ -164,6 +187,43 @@ fn corpus(now: i64) -> Vec<Case> {
             ));
         }
     }
+    // Bodies tenso reads from its spool draft, not from memory.
+    for canon in [
+        "simple/simple",
+        "simple/relaxed",
+        "relaxed/simple",
+        "relaxed/relaxed",
+    ] {
+        let id = format!("large-{}", canon.replace('/', "-"));
+        cases.push(case(
+            &id,
+            "large",
+            vec![step("rsa2048", canon)],
+            Change::None,
+            &["pass"],
+        ));
+    }
+    cases.push(case(
+        "large-changed-deep-inside",
+        "large",
+        vec![step("ed25519", "relaxed/relaxed")],
+        Change::Replace("DEEP MARKER LINE", "DEEP MARKER LINF"),
+        &["fail"],
+    ));
+    cases.push(case(
+        "large-blanks-changed-simple",
+        "large",
+        vec![step("rsa2048", "simple/simple")],
+        Change::Replace("DEEP MARKER LINE", "DEEP  MARKER LINE"),
+        &["fail"],
+    ));
+    cases.push(case(
+        "large-blanks-changed-relaxed",
+        "large",
+        vec![step("rsa2048", "relaxed/relaxed")],
+        Change::Replace("DEEP MARKER LINE", "DEEP  MARKER LINE"),
+        &["pass"],
+    ));
     let appended = Change::Append("\r\nAppended after signing: not covered by l=.\r\n");
     for (id, key, canon, b) in [
         (
@@ -189,6 +249,12 @@ fn corpus(now: i64) -> Vec<Case> {
             "ed25519",
             "simple/relaxed",
             "ws-lines",
+        ),
+        (
+            "l-shorter-large-simple",
+            "rsa2048",
+            "simple/simple",
+            "large",
         ),
     ] {
         let mut c = case(

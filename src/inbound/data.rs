@@ -4,6 +4,8 @@ use super::session::{Session, Transaction};
 use crate::bounce::incoming::BounceTarget;
 use crate::config::Preflight;
 use crate::forward;
+use crate::policy::content::{self, Body};
+use crate::policy::dkim::BodyHashes;
 use crate::policy::strip_forged_results;
 use crate::smtp::Reply;
 use crate::smtp::codec::{DataDecoder, DataError};
@@ -93,10 +95,15 @@ impl Session {
         let body = strip_forged_results(&body, self.ctx.cfg.authserv_id()).unwrap_or(body);
         let body = self.strip_foreign_spam_headers(body);
         let helo = self.helo.clone().unwrap_or_default();
+        let checked = match self.spilled_body_hashes(&body, draft.as_ref()).await {
+            Ok(Some(hashes)) => Body::Hashed(&body, hashes),
+            Ok(None) => Body::Whole(&body),
+            Err(reply) => return self.reply(reply),
+        };
         let verdict = self
             .ctx
             .auth
-            .check_end_of_data(client, &helo, &tx.reverse_path, &tx.spf, &body)
+            .check_end_of_data(client, &helo, &tx.reverse_path, &tx.spf, checked)
             .await;
         if let Some(reply) = verdict.reject {
             self.ctx
@@ -334,23 +341,45 @@ impl Session {
         Ok(rcpts)
     }
 
-    /// A spilled message stays on disk unless a check needs it whole in memory: DKIM
-    /// (and the DMARC verdict built on it), the spam gate, signing, or a bounce coming
-    /// home to an alias (parsed as a DSN).
+    /// A spilled message stays on disk unless a check needs it whole in memory: the
+    /// spam gate, signing, or a bounce coming home to an alias (parsed as a DSN).
+    /// DKIM, ARC and DMARC do not: they read a spilled body in pieces.
     async fn whole_if_needed(
         &self,
         tx: &Transaction,
         body: &mut Vec<u8>,
         draft: &mut Option<Draft>,
     ) -> Result<(), Reply> {
-        let needs = self.ctx.cfg.auth.dkim
-            || self.ctx.spam.is_some()
-            || self.ctx.signer.is_some()
-            || tx.reverse_path.is_empty();
+        let needs =
+            self.ctx.spam.is_some() || self.ctx.signer.is_some() || tx.reverse_path.is_empty();
         if needs {
             self.read_back(body, Ok(draft.take())).await?;
         }
         Ok(())
+    }
+
+    /// The body hashes DKIM and ARC need, for a message whose body is on disk: the
+    /// body part of `head`, then the draft, read in pieces. None when the message is
+    /// whole in memory or DKIM is off.
+    async fn spilled_body_hashes(
+        &self,
+        head: &[u8],
+        draft: Option<&Draft>,
+    ) -> Result<Option<BodyHashes>, Reply> {
+        let Some(draft) = draft.filter(|_| self.ctx.cfg.auth.dkim) else {
+            return Ok(None);
+        };
+        let hasher = content::body_hasher(head, self.ctx.auth.seals());
+        if !hasher.is_needed() {
+            return Ok(Some(hasher.finish()));
+        }
+        match draft.scan(hasher, |h, piece| h.write(piece)).await {
+            Ok(h) => Ok(Some(h.finish())),
+            Err(e) => {
+                tracing::error!(client = %self.peer.ip(), error = %e, "cannot read back the message being received");
+                Err(self.ctx.storage_failure(e.is_no_space()))
+            }
+        }
     }
 
     /// Commits one copy for `rcpts` and hands it to the queue. `notes` are the auth

@@ -6,10 +6,10 @@
 //! `Session::data` until the spill and to `Session::tail` after it. What stays in
 //! memory is the header section (everything the end-of-DATA header work reads); the
 //! body goes to disk. A header section longer than `SPILL_AT` is cut at a line end:
-//! fields past it are not examined (Postfix's `header_size_limit` works alike). Checks
-//! that need the whole message (DKIM, the spam gate, signing, bounces coming home,
-//! submission) read the draft back at the end of DATA; with them off, nothing large is ever in
-//! memory. A draft that cannot be written makes the end of DATA a 4xx, never a 250.
+//! fields past it are not examined (Postfix's `header_size_limit` works alike). DKIM,
+//! ARC and DMARC read the draft in pieces for their body hashes; checks that need the
+//! whole message (the spam gate, signing, bounces coming home, submission) read the
+//! draft back at the end of DATA; with those off, nothing large is ever in memory. A draft that cannot be written makes the end of DATA a 4xx, never a 250.
 
 use super::session::Session;
 use crate::smtp::Reply;

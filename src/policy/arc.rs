@@ -17,8 +17,8 @@
 //! Only verification lives here; sealing (off by default) is in `policy/mod.rs`.
 
 use super::dkim::{
-    self, Bodies, Canon, Message, Signature, Tags, parse_common, signed_data, tag_list,
-    verify_bytes,
+    self, BodyHashKey, BodyHashes, Canon, Message, Signature, Tags, parse_common, signed_data,
+    tag_list, verify_bytes,
 };
 use super::lookup::Txt;
 use std::collections::HashMap;
@@ -273,22 +273,40 @@ pub fn key_names(p: &Prepared) -> Vec<String> {
     seals.chain(ams).collect()
 }
 
-/// Steps 5–8 of RFC 8617 §5.2 with the keys fetched.
-pub fn verify(msg: &Message, p: &Prepared, keys: &HashMap<String, Txt>, now: i64) -> ArcVerdict {
+/// The body hashes the chain's ARC-Message-Signatures need.
+pub fn body_hash_keys(p: &Prepared) -> Vec<BodyHashKey> {
+    match p {
+        Prepared::Done(_) => Vec::new(),
+        Prepared::Chain(c) => c
+            .ams
+            .iter()
+            .filter_map(|a| a.as_ref().ok())
+            .map(BodyHashKey::of)
+            .collect(),
+    }
+}
+
+/// Steps 5–8 of RFC 8617 §5.2 with the keys fetched and the body hashed.
+pub fn verify(
+    msg: &Message,
+    p: &Prepared,
+    keys: &HashMap<String, Txt>,
+    bodies: &BodyHashes,
+    now: i64,
+) -> ArcVerdict {
     let c = match p {
         Prepared::Done(v) => return v.clone(),
         Prepared::Chain(c) => c,
     };
     let n = c.sets.len() as u32;
-    let mut bodies = Bodies::default();
-    let ams_ok = |k: usize, bodies: &mut Bodies| -> Result<(), String> {
+    let ams_ok = |k: usize| -> Result<(), String> {
         let sig = c.ams[k].as_ref().map_err(|e| e.to_string())?;
         let answer = keys.get(&sig.key_name().to_ascii_lowercase());
         dkim::check_signature(msg, sig, msg.fields[c.sets[k].ams].raw, answer, bodies, now)
             .map(|_| ())
             .map_err(|(_, why)| why.to_string())
     };
-    if let Err(why) = ams_ok(n as usize - 1, &mut bodies) {
+    if let Err(why) = ams_ok(n as usize - 1) {
         return ArcVerdict::fail(n, format!("ARC-Message-Signature i={n}: {why}"));
     }
     for k in (0..n as usize).rev() {
@@ -298,7 +316,7 @@ pub fn verify(msg: &Message, p: &Prepared, keys: &HashMap<String, Txt>, now: i64
     }
     let oldest_pass = (0..n as usize - 1)
         .rev()
-        .find(|&k| ams_ok(k, &mut bodies).is_err())
+        .find(|&k| ams_ok(k).is_err())
         .map_or(0, |k| k as u32 + 2);
     ArcVerdict {
         result: ArcResult::Pass,

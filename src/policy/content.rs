@@ -10,7 +10,7 @@
 //! body (see [`super::dmarc`]).
 
 use super::arc::{self, ArcResult, ArcVerdict};
-use super::dkim::{self, DkimResult, DkimVerdict, Message};
+use super::dkim::{self, BodyHashKey, BodyHasher, BodyHashes, DkimResult, DkimVerdict, Message};
 use super::dmarc::{self, DmarcResult, DmarcVerdict, Inputs, Policy};
 use super::lookup;
 use crate::dns::Resolver;
@@ -32,11 +32,69 @@ pub struct Checks {
     pub dkim_overflow: usize,
     pub dmarc: DmarcVerdict,
     pub arc: ArcVerdict,
+    /// The body hashes the checks used (an ARC seal reuses one).
+    pub bodies: BodyHashes,
 }
 
-/// Runs DKIM, ARC and DMARC on `msg` (Unix time `now`).
-pub async fn check(resolver: &Resolver, msg: &[u8], spf: &SpfIdentity<'_>, now: i64) -> Checks {
-    let m = Message::parse(msg);
+/// Every body hash the checks of `m` need; with `seal`, the one an ARC seal carries.
+fn body_hash_keys(m: &Message, seal: bool) -> Vec<BodyHashKey> {
+    let (cands, _) = dkim::candidates(m);
+    let mut keys: Vec<BodyHashKey> = dkim::body_hash_keys(&cands).collect();
+    keys.extend(arc::body_hash_keys(&arc::prepare(m)));
+    if seal {
+        keys.push(super::seal::SEALED_BODY);
+    }
+    keys
+}
+
+/// The hasher for the body of a message that did not stay in memory: `head` is the
+/// start of the message that did (its header section, or as much of it as was kept);
+/// the caller feeds what follows `head` and passes the result to [`check`].
+pub fn body_hasher(head: &[u8], seal: bool) -> BodyHasher {
+    let m = Message::parse(head);
+    let mut h = BodyHasher::new(body_hash_keys(&m, seal));
+    if !m.header_ended {
+        h = h.after_header();
+    }
+    h.write(m.body);
+    h
+}
+
+/// What the checks read of the message.
+pub enum Body<'a> {
+    /// The whole message.
+    Whole(&'a [u8]),
+    /// The start of a message (at least as much of its header section as was kept)
+    /// and the hashes of its body, from [`body_hasher`] with the same `seal`.
+    Hashed(&'a [u8], BodyHashes),
+}
+
+impl<'a> Body<'a> {
+    /// The bytes in memory: the whole message, or its start.
+    pub fn head(&self) -> &'a [u8] {
+        match self {
+            Body::Whole(m) | Body::Hashed(m, _) => m,
+        }
+    }
+}
+
+/// Runs DKIM, ARC and DMARC (Unix time `now`); with `seal`, the body hash an ARC
+/// seal needs is made too.
+pub async fn check(
+    resolver: &Resolver,
+    msg: Body<'_>,
+    seal: bool,
+    spf: &SpfIdentity<'_>,
+    now: i64,
+) -> Checks {
+    let (m, bodies) = match msg {
+        Body::Whole(msg) => {
+            let m = Message::parse(msg);
+            let bodies = BodyHashes::of(m.body, body_hash_keys(&m, seal));
+            (m, bodies)
+        }
+        Body::Hashed(head, bodies) => (Message::parse(head), bodies),
+    };
     let (cands, dkim_overflow) = dkim::candidates(&m);
     let chain = arc::prepare(&m);
     let author = dmarc::author_domain(&m);
@@ -49,8 +107,8 @@ pub async fn check(resolver: &Resolver, msg: &[u8], spf: &SpfIdentity<'_>, now: 
         }
     };
     let (keys, discovery) = tokio::join!(lookup::txt_many(resolver, names), discovery);
-    let dkim = dkim::verify_all(&m, &cands, &keys, now);
-    let arc = arc::verify(&m, &chain, &keys, now);
+    let dkim = dkim::verify_all(&m, &cands, &keys, &bodies, now);
+    let arc = arc::verify(&m, &chain, &keys, &bodies, now);
     let dmarc = match discovery {
         Ok((a, d)) => {
             let exists = !dmarc::needs_existence(&d, a) || lookup::domain_exists(resolver, a).await;
@@ -68,6 +126,7 @@ pub async fn check(resolver: &Resolver, msg: &[u8], spf: &SpfIdentity<'_>, now: 
         dkim_overflow,
         dmarc,
         arc,
+        bodies,
     }
 }
 

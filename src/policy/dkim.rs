@@ -37,6 +37,7 @@ use aws_lc_rs::digest;
 use aws_lc_rs::signature::{self, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+pub use body::{BodyHashKey, BodyHasher, BodyHashes};
 use std::collections::HashMap;
 
 /// Signatures verified per message; each one beyond gets no lookup and no
@@ -167,6 +168,9 @@ impl<'a> Field<'a> {
 pub struct Message<'a> {
     pub fields: Vec<Field<'a>>,
     pub body: &'a [u8],
+    /// The empty line ending the header section was found (else `body` is empty
+    /// and whatever follows the input is still header).
+    pub header_ended: bool,
 }
 
 impl<'a> Message<'a> {
@@ -187,6 +191,7 @@ impl<'a> Message<'a> {
                 return Message {
                     fields,
                     body: &msg[end..],
+                    header_ended: true,
                 };
             }
             if line[0] == b' ' || line[0] == b'\t' {
@@ -206,7 +211,11 @@ impl<'a> Message<'a> {
             }
             pos = end;
         }
-        Message { fields, body: &[] }
+        Message {
+            fields,
+            body: &[],
+            header_ended: false,
+        }
     }
 }
 
@@ -259,48 +268,10 @@ pub fn canon_header(c: Canon, raw: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// The canonical body (RFC 6376 §3.4.3, §3.4.4): for simple, trailing empty lines
-/// dropped and a final CRLF ensured (an empty body is one CRLF); for relaxed, in
-/// addition WSP at line ends dropped and WSP runs squeezed to one space, and an
-/// empty body stays empty.
+/// The canonical body (RFC 6376 §3.4.3, §3.4.4) in one buffer; [`BodyHasher`] makes
+/// the same form piece by piece.
 pub fn canon_body(c: Canon, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 2);
-    match c {
-        Canon::Simple => out.extend_from_slice(body),
-        Canon::Relaxed => {
-            let mut rest = body;
-            while !rest.is_empty() {
-                let (line, crlf, next) = match rest.windows(2).position(|w| w == b"\r\n") {
-                    Some(p) => (&rest[..p], true, &rest[p + 2..]),
-                    None => (rest, false, &rest[rest.len()..]),
-                };
-                let line = trim_wsp_end(line);
-                let mut in_wsp = false;
-                for &ch in line {
-                    if is_wsp(ch) {
-                        in_wsp = true;
-                    } else {
-                        if in_wsp {
-                            out.push(b' ');
-                            in_wsp = false;
-                        }
-                        out.push(ch);
-                    }
-                }
-                if crlf {
-                    out.extend_from_slice(b"\r\n");
-                }
-                rest = next;
-            }
-        }
-    }
-    while out.ends_with(b"\r\n") {
-        out.truncate(out.len() - 2);
-    }
-    if !out.is_empty() || c == Canon::Simple {
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+    body::canonical(c, body)
 }
 
 /// The raw field with the value of its `b=` tag removed (RFC 6376 §3.5: "treated as
@@ -778,42 +749,21 @@ pub fn signed_data(fields: &[&[u8]], own: &[u8], canon: Canon) -> Vec<u8> {
     data
 }
 
-/// Canonical bodies, computed once per canonicalization for all signatures.
-#[derive(Default)]
-pub struct Bodies {
-    simple: Option<Vec<u8>>,
-    relaxed: Option<Vec<u8>>,
-}
-
-impl Bodies {
-    pub fn get(&mut self, c: Canon, body: &[u8]) -> &[u8] {
-        let slot = match c {
-            Canon::Simple => &mut self.simple,
-            Canon::Relaxed => &mut self.relaxed,
-        };
-        slot.get_or_insert_with(|| canon_body(c, body))
-    }
-}
-
-/// Checks `bh=`. Ok(Some(length)) when the signature has `l=`.
+/// Checks `bh=` against the body hashes. Ok(Some(length)) when the signature has `l=`.
 pub fn check_body_hash(
     sig: &Signature,
-    body: &[u8],
-    bodies: &mut Bodies,
+    hashes: &BodyHashes,
 ) -> Result<Option<BodyLength>, &'static str> {
-    let canonical = bodies.get(sig.body_canon, body);
-    let total = canonical.len() as u64;
+    let key = BodyHashKey::of(sig);
+    let (Some(total), Some(hash)) = (hashes.len(sig.body_canon), hashes.digest(&key)) else {
+        return Err("body not hashed");
+    };
     let signed = match sig.l {
         Some(l) if l > total => return Err("l= is longer than the body"),
         Some(l) => l,
         None => total,
     };
-    let algorithm = match sig.a {
-        Algorithm::RsaSha1 => &digest::SHA1_FOR_LEGACY_USE_ONLY,
-        _ => &digest::SHA256,
-    };
-    let hash = digest::digest(algorithm, &canonical[..signed as usize]);
-    if hash.as_ref() != sig.bh.as_slice() {
+    if hash != sig.bh.as_slice() {
         return Err("body hash mismatch");
     }
     Ok(sig.l.map(|_| BodyLength {
@@ -906,7 +856,7 @@ pub fn check_signature(
     sig: &Signature,
     own: &[u8],
     key_answer: Option<&Txt>,
-    bodies: &mut Bodies,
+    bodies: &BodyHashes,
     now: i64,
 ) -> Result<Checked, KeyError> {
     if sig.a == Algorithm::RsaSha1 {
@@ -932,8 +882,7 @@ pub fn check_signature(
     {
         return Err((DkimResult::PermError, "key requires i= in d= itself (t=s)"));
     }
-    let body_length =
-        check_body_hash(sig, msg.body, bodies).map_err(|why| (DkimResult::Fail, why))?;
+    let body_length = check_body_hash(sig, bodies).map_err(|why| (DkimResult::Fail, why))?;
     // dkimpy's defence, kept: one more From than h= lists is hashed too.
     let mut names = sig.h.clone();
     names.push("from".into());
@@ -953,7 +902,7 @@ pub fn verify_candidate(
     msg: &Message,
     cand: &Candidate,
     keys: &HashMap<String, Txt>,
-    bodies: &mut Bodies,
+    bodies: &BodyHashes,
     now: i64,
 ) -> DkimVerdict {
     let sig = match &cand.parsed {
@@ -975,18 +924,27 @@ pub fn verify_candidate(
     v
 }
 
-/// Verifies candidates whose keys have been fetched, top first.
+/// Verifies candidates whose keys have been fetched, top first, with the body hashes
+/// [`body_hash_keys`] asked for.
 pub fn verify_all(
     msg: &Message,
     cands: &[Candidate],
     keys: &HashMap<String, Txt>,
+    bodies: &BodyHashes,
     now: i64,
 ) -> Vec<DkimVerdict> {
-    let mut bodies = Bodies::default();
     cands
         .iter()
-        .map(|c| verify_candidate(msg, c, keys, &mut bodies, now))
+        .map(|c| verify_candidate(msg, c, keys, bodies, now))
         .collect()
+}
+
+/// The body hashes the candidates need.
+pub fn body_hash_keys(cands: &[Candidate]) -> impl Iterator<Item = BodyHashKey> + '_ {
+    cands
+        .iter()
+        .filter_map(|c| c.parsed.as_ref().ok())
+        .map(BodyHashKey::of)
 }
 
 // ---------------------------------------------------------------------------------
@@ -1080,5 +1038,6 @@ pub fn overflow_clause(extra: usize) -> String {
     )
 }
 
+mod body;
 #[cfg(test)]
 mod tests;

@@ -114,6 +114,11 @@ impl Auth {
     }
 
     /// The policy checks' resolver front (its `timeouts()` is `dns_timeouts`).
+    /// Whether messages get an ARC seal (their body hash is made for it).
+    pub fn seals(&self) -> bool {
+        self.arc.is_some()
+    }
+
     pub fn dns(&self) -> &crate::dns::Dns {
         &self.dns
     }
@@ -144,12 +149,13 @@ impl Auth {
         helo: &str,
         sender: &str,
         spf: &SpfResults,
-        msg: &[u8],
+        msg: content::Body<'_>,
     ) -> MessageVerdict {
         let mut v = MessageVerdict::default();
         if !self.cfg.auth.spf && !self.cfg.auth.dkim {
             return v;
         }
+        let head = msg.head();
         let authserv = self.cfg.authserv_id();
         let mut ar = AuthenticationResults::new(authserv);
         let mut summary = Vec::new();
@@ -172,7 +178,8 @@ impl Auth {
                 pass: spf_pass,
             };
             let now = crate::time::unix_now();
-            let checks = content::check(self.dns.resolver(), msg, &identity, now).await;
+            let checks =
+                content::check(self.dns.resolver(), msg, self.arc.is_some(), &identity, now).await;
             let decisions = checks.decide(
                 self.cfg.auth.dmarc_preflight_quarantine,
                 self.cfg.auth.dmarc_reject,
@@ -181,7 +188,7 @@ impl Auth {
             summary.push(checks.summary());
             v.doomed = decisions.doomed;
             v.reject = decisions.reject;
-            chain = Some(checks.arc);
+            chain = Some((checks.arc, checks.bodies));
         }
         // RFC 8601 §2.2: `authserv-id; resinfo; resinfo` or `authserv-id; none`.
         let mut results = ar.to_string();
@@ -192,8 +199,8 @@ impl Auth {
             results.push_str(";\r\n\t");
             results.push_str(c);
         }
-        if let (Some(sealer), Some(chain)) = (&self.arc, &chain) {
-            match sealer.seal(msg, chain, &results, crate::time::unix_now()) {
+        if let (Some(sealer), Some((chain, bodies))) = (&self.arc, &chain) {
+            match sealer.seal(head, bodies, chain, &results, crate::time::unix_now()) {
                 Ok(Some(set)) => v.headers.extend_from_slice(&set),
                 Ok(None) => tracing::info!(arc = ?chain.result, "ARC chain not extended"),
                 Err(e) => tracing::warn!(error = %e, "ARC sealing failed"),

@@ -11,7 +11,7 @@
 //! at 50 sets.
 
 use super::arc::{ArcResult, ArcVerdict, MAX_INSTANCES};
-use super::dkim::{Canon, Message, canon_body, select_fields, signed_data};
+use super::dkim::{BodyHashKey, BodyHashes, Canon, Message, select_fields, signed_data};
 use aws_lc_rs::digest;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{Ed25519KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
@@ -20,6 +20,13 @@ use base64::engine::general_purpose::STANDARD;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
 use std::path::Path;
+
+/// The body hash the ARC-Message-Signature carries: relaxed, SHA-256, whole body.
+pub const SEALED_BODY: BodyHashKey = BodyHashKey {
+    canon: Canon::Relaxed,
+    sha1: false,
+    limit: None,
+};
 
 /// Header fields the ARC-Message-Signature covers, each instance present.
 const SIGNED: [&str; 6] = [
@@ -103,6 +110,7 @@ impl Sealer {
     pub fn seal(
         &self,
         msg: &[u8],
+        body: &BodyHashes,
         chain: &ArcVerdict,
         results: &str,
         now: i64,
@@ -118,7 +126,7 @@ impl Sealer {
         }
         let m = Message::parse(msg);
         let aar = format!("ARC-Authentication-Results: i={i}; {results}\r\n");
-        let ams = self.message_signature(&m, i, now)?;
+        let ams = self.message_signature(&m, body, i, now)?;
         let seal_head = format!(
             "ARC-Seal: i={i}; a={}; t={now}; cv={cv};\r\n\td={}; s={};\r\n\tb=",
             self.algorithm(),
@@ -149,17 +157,23 @@ impl Sealer {
         Ok(Some([seal, ams, aar].concat().into_bytes()))
     }
 
-    fn message_signature(&self, m: &Message, i: u32, now: i64) -> Result<String, String> {
+    fn message_signature(
+        &self,
+        m: &Message,
+        body: &BodyHashes,
+        i: u32,
+        now: i64,
+    ) -> Result<String, String> {
         let names: Vec<String> = m
             .fields
             .iter()
             .filter(|f| SIGNED.iter().any(|n| f.is(n)))
             .map(|f| String::from_utf8_lossy(f.name).to_ascii_lowercase())
             .collect();
-        let bh = STANDARD.encode(digest::digest(
-            &digest::SHA256,
-            &canon_body(Canon::Relaxed, m.body),
-        ));
+        let bh = body
+            .digest(&SEALED_BODY)
+            .ok_or("the body was not hashed for sealing")?;
+        let bh = STANDARD.encode(bh);
         let head = format!(
             "ARC-Message-Signature: i={i}; a={}; c=relaxed/relaxed;\r\n\td={}; s={}; t={now};\r\n\th={};\r\n\tbh={bh};\r\n\tb=",
             self.algorithm(),

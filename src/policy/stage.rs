@@ -13,6 +13,7 @@
 //! stage needs no such layer: its lookups go through [`crate::dns::Dns`], which bounds
 //! each by the stage's deadline and remembers failures by name.
 
+use super::content::Body;
 use super::{Auth, MessageVerdict, SpfResults, spf_name};
 use crate::smtp::header::{field_values, header_section};
 use mail_auth::{
@@ -68,12 +69,12 @@ impl Auth {
         helo: &str,
         sender: &str,
         spf: &SpfResults,
-        msg: &[u8],
+        msg: Body<'_>,
     ) -> MessageVerdict {
         if !self.cfg.auth.dkim {
             return self.check_message(ip, helo, sender, spf, msg).await;
         }
-        let domains = message_domains(msg);
+        let domains = message_domains(msg.head());
         if let Some(d) = self.slow.recent(&domains) {
             tracing::info!(client = %ip, domain = d, "end-of-DATA checks not asked: lookups for this domain ran out of time moments ago");
             let why = format!("lookups for {d} ran out of time moments ago");

@@ -15,6 +15,9 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+/// Bytes read at a time by [`Draft::scan`].
+pub const SCAN_PIECE: usize = 64 * 1024;
+
 pub struct Draft {
     /// None once the file is gone (committed or removed).
     path: Option<PathBuf>,
@@ -83,6 +86,32 @@ impl Draft {
                 .and_then(|mut f| f.read_to_end(&mut out))
                 .map_err(io_err(&path))?;
             Ok(out)
+        })
+        .await
+        .map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Reads the draft in pieces of [`SCAN_PIECE`] on the blocking pool, handing each
+    /// to `f` with `state`, which comes back: for checks that read a whole message
+    /// without holding it (DKIM body hashes).
+    pub async fn scan<T: Send + 'static>(
+        &self,
+        state: T,
+        f: fn(&mut T, &[u8]),
+    ) -> Result<T, SpoolError> {
+        let path = self.path.clone().ok_or(SpoolError::Closed)?;
+        tokio::task::spawn_blocking(move || {
+            let mut state = state;
+            let mut file = File::open(&path).map_err(io_err(&path))?;
+            let mut piece = vec![0u8; SCAN_PIECE];
+            loop {
+                match file.read(&mut piece) {
+                    Ok(0) => return Ok(state),
+                    Ok(n) => f(&mut state, &piece[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err(&path)(e)),
+                }
+            }
         })
         .await
         .map_err(|_| SpoolError::Closed)?

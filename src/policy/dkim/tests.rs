@@ -1,4 +1,5 @@
 use super::*;
+use aws_lc_rs::digest;
 use proptest::prelude::*;
 
 fn crlf(s: &str) -> Vec<u8> {
@@ -340,7 +341,19 @@ fn run(msg: &[u8], keys: &HashMap<String, Txt>) -> Vec<DkimVerdict> {
     let m = Message::parse(msg);
     let (cands, extra) = candidates(&m);
     assert_eq!(extra, 0);
-    verify_all(&m, &cands, keys, NOW)
+    let whole = BodyHashes::of(m.body, body_hash_keys(&cands));
+    let verdicts = verify_all(&m, &cands, keys, &whole, NOW);
+    // The same verdicts when the body arrives in pieces of 3 octets (CRLFs and
+    // blank runs cut everywhere).
+    let mut pieces = BodyHasher::new(body_hash_keys(&cands));
+    for p in m.body.chunks(3) {
+        pieces.write(p);
+    }
+    assert_eq!(
+        verify_all(&m, &cands, keys, &pieces.finish(), NOW),
+        verdicts
+    );
+    verdicts
 }
 
 #[test]
@@ -482,7 +495,7 @@ fn too_many_signatures_are_bounded() {
     let (cands, overflow) = candidates(&m);
     assert_eq!((cands.len(), overflow), (MAX_SIGNATURES, 5));
     assert!(
-        verify_all(&m, &cands, &keys, NOW)
+        verify_all(&m, &cands, &keys, &BodyHashes::default(), NOW)
             .iter()
             .all(|v| v.result == DkimResult::PermError)
     );
@@ -546,6 +559,81 @@ fn relaxed_reference(body: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The whole-buffer canonical body, as tenso computed it before it streamed
+/// (RFC 6376 §3.4.3, §3.4.4): for simple, trailing empty lines
+/// dropped and a final CRLF ensured (an empty body is one CRLF); for relaxed, in
+/// addition WSP at line ends dropped and WSP runs squeezed to one space, and an
+/// empty body stays empty.
+fn canon_body_reference(c: Canon, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 2);
+    match c {
+        Canon::Simple => out.extend_from_slice(body),
+        Canon::Relaxed => {
+            let mut rest = body;
+            while !rest.is_empty() {
+                let (line, crlf, next) = match rest.windows(2).position(|w| w == b"\r\n") {
+                    Some(p) => (&rest[..p], true, &rest[p + 2..]),
+                    None => (rest, false, &rest[rest.len()..]),
+                };
+                let line = trim_wsp_end(line);
+                let mut in_wsp = false;
+                for &ch in line {
+                    if is_wsp(ch) {
+                        in_wsp = true;
+                    } else {
+                        if in_wsp {
+                            out.push(b' ');
+                            in_wsp = false;
+                        }
+                        out.push(ch);
+                    }
+                }
+                if crlf {
+                    out.extend_from_slice(b"\r\n");
+                }
+                rest = next;
+            }
+        }
+    }
+    while out.ends_with(b"\r\n") {
+        out.truncate(out.len() - 2);
+    }
+    if !out.is_empty() || c == Canon::Simple {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Any octets, mostly the ones canonicalization cares about (bare CR and LF too).
+fn raw_body_bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just(b' '),
+            Just(b'\t'),
+            Just(b'a'),
+            Just(b'\r'),
+            Just(b'\n'),
+            Just(b'\r'),
+            Just(b'\n'),
+            any::<u8>()
+        ],
+        0..200,
+    )
+}
+
+/// `body` cut at the given points (taken modulo its length, in order).
+fn pieces(body: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let mut at: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+    at.sort_unstable();
+    let mut out = Vec::new();
+    let mut from = 0;
+    for a in at.into_iter().chain([body.len()]) {
+        out.push(body[from..a].to_vec());
+        from = a;
+    }
+    out
+}
+
 fn body_bytes() -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(
         prop_oneof![
@@ -569,7 +657,105 @@ fn body_bytes() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// Bodies larger than the digest buffer, in pieces larger and smaller than it, with
+/// `l=` falling inside a buffered block and inside a piece hashed directly.
+#[test]
+fn large_bodies_hash_like_the_whole_buffer() {
+    let mut body = Vec::new();
+    for i in 0..7u8 {
+        body.extend(std::iter::repeat_n(b'a' + i, 20_000 + usize::from(i) * 777));
+        body.extend_from_slice(b" \t \r\n\r\n");
+        body.extend(std::iter::repeat_n(b' ', 300));
+        body.extend_from_slice(b"x y\r\n");
+    }
+    for piece in [1usize, 5_000, 16 * 1024, 40_000, body.len()] {
+        for limit in [None, Some(12_345), Some(40_001), Some(150_000)] {
+            for canon in [Canon::Simple, Canon::Relaxed] {
+                let key = BodyHashKey {
+                    canon,
+                    sha1: false,
+                    limit,
+                };
+                let mut h = BodyHasher::new([key]);
+                for p in body.chunks(piece) {
+                    h.write(p);
+                }
+                let got = h.finish();
+                let canonical = canon_body_reference(canon, &body);
+                let signed = limit.map_or(canonical.len(), |l| (l as usize).min(canonical.len()));
+                let want = digest::digest(&digest::SHA256, &canonical[..signed]);
+                assert_eq!(
+                    got.digest(&key),
+                    Some(want.as_ref()),
+                    "{key:?} piece {piece}"
+                );
+                assert_eq!(got.len(canon), Some(canonical.len() as u64));
+            }
+        }
+    }
+}
+
 proptest! {
+    /// Invariant: however the body is cut into pieces, each canonical form's length
+    /// and each digest (whole, or over the first `l` octets) are those of the
+    /// whole-buffer canonical body.
+    #[test]
+    fn body_hashes_in_pieces_are_those_of_the_whole(
+        body in raw_body_bytes(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        limit in 0u64..220,
+    ) {
+        let keys: Vec<BodyHashKey> = [Canon::Simple, Canon::Relaxed]
+            .into_iter()
+            .flat_map(|canon| {
+                [None, Some(limit)].map(|limit| BodyHashKey { canon, sha1: false, limit })
+            })
+            .chain([BodyHashKey { canon: Canon::Relaxed, sha1: true, limit: None }])
+            .collect();
+        let mut h = BodyHasher::new(keys.clone());
+        for p in pieces(&body, &cuts) {
+            h.write(&p);
+        }
+        let got = h.finish();
+        for key in &keys {
+            let canonical = canon_body_reference(key.canon, &body);
+            prop_assert_eq!(got.len(key.canon), Some(canonical.len() as u64));
+            let signed = key.limit.map_or(canonical.len(), |l| (l as usize).min(canonical.len()));
+            let alg = if key.sha1 { &digest::SHA1_FOR_LEGACY_USE_ONLY } else { &digest::SHA256 };
+            let want = digest::digest(alg, &canonical[..signed]);
+            prop_assert_eq!(got.digest(key), Some(want.as_ref()), "{:?}", key);
+        }
+    }
+
+    /// Invariant: a hasher started inside a header section hashes exactly what
+    /// follows the first empty line, however the input is cut.
+    #[test]
+    fn hashing_after_a_header_skips_exactly_the_header(
+        header in proptest::collection::vec(prop_oneof![Just(b'a'), Just(b':'), Just(b' '), Just(b'\r'), Just(b'\n')], 0..80),
+        body in raw_body_bytes(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..12),
+    ) {
+        // Header lines end in CRLF and are never empty (an empty one would end it).
+        let header = String::from_utf8(header).unwrap().replace(['\r', '\n'], "");
+        let header: String = header.split(':').filter(|l| !l.is_empty()).map(|l| format!("{l}:\r\n")).collect();
+        let input = [header.as_bytes(), b"\r\n", &body].concat();
+        let key = BodyHashKey { canon: Canon::Relaxed, sha1: false, limit: None };
+        let mut h = BodyHasher::new([key]).after_header();
+        for p in pieces(&input, &cuts) {
+            h.write(&p);
+        }
+        let want = BodyHashes::of(&body, [key]);
+        let got = h.finish();
+        prop_assert_eq!(got.digest(&key), want.digest(&key));
+    }
+
+    #[test]
+    fn canonical_body_matches_the_whole_buffer_rule(body in raw_body_bytes()) {
+        for c in [Canon::Simple, Canon::Relaxed] {
+            prop_assert_eq!(canon_body(c, &body), canon_body_reference(c, &body));
+        }
+    }
+
     #[test]
     fn relaxed_body_matches_the_reference(body in body_bytes()) {
         prop_assert_eq!(canon_body(Canon::Relaxed, &body), relaxed_reference(&body));
