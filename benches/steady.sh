@@ -35,7 +35,8 @@ start_sink
 if [ -d "$TDIR" ]; then
     rm -rf "$TDIR"
     # ext4 without a journal makes every inode allocation skip the inodes deleted in
-    # the last ~35 s: the previous run's files would slow this run's first batches.
+    # the last 60 s (360 s while their inode table block is dirty): the previous run's
+    # files would slow this run's first batches.
     sleep "${SETTLE:-40}"
 fi
 mkdir -p "$TDIR"

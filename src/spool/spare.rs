@@ -2,9 +2,9 @@
 //! being unlinked, so steady traffic neither allocates nor frees an inode per message.
 //!
 //! Why (issue 17): on ext4 every inode allocation skips the inodes deleted in the
-//! last ~35 s (`recently_deleted()`, checked when the file system has no journal), so
-//! at a few thousand messages per second each create scans tens of thousands of them;
-//! the profile showed that scan and the directory lock held during it taking half of
+//! last 60 s, 360 s while their inode table block is dirty (`recently_deleted()`,
+//! checked when the file system has no journal), so at a few thousand messages per
+//! second each create scans tens of thousands of them; the profile showed that scan and the directory lock held during it taking half of
 //! tenso's CPU, and throughput falling by half within 40,000 messages. Reusing files
 //! keeps that cost at zero however many messages went through.
 //!
@@ -15,8 +15,15 @@
 //!   can bring back `ID.msg` naming a file that already holds another message.
 //! - A reused file is renamed to `NEW.msg.tmp`, overwritten from the start and cut to
 //!   its new length before the data fsync; the usual commit protocol follows.
-//! - The pool is bounded in count, in total size and in file size (larger files are
-//!   unlinked), and start-up empties `spare/`: a spare file is never anybody's mail.
+//! - The pool is bounded in count (beyond it files are unlinked) and in the disk space
+//!   it holds: a file past the byte budget, or larger than [`MAX_SPARE_BYTES`], keeps
+//!   its inode but is cut to nothing once it may be overwritten (the same fsync rule).
+//!   Unlinking it instead would bring the `recently_deleted()` scan back for the next
+//!   creates, and after a run of large messages that is every create of the next
+//!   run.
+//! - Start-up keeps what a previous run left in `spare/`, cut to nothing (a spare file
+//!   is never anybody's mail). Emptying `spare/` by unlinking would make each of the
+//!   next creates scan every file just unlinked.
 //!
 //! Blocking I/O: callers run it on tokio's blocking pool.
 
@@ -33,17 +40,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const MAX_SPARES: usize = 16 * 1024;
 /// Disk space the pool may hold in all (bytes of the files' lengths).
 const MAX_POOL_BYTES: u64 = 64 * 1024 * 1024;
-/// Larger finished files are unlinked: the pool must not hold much disk space.
+/// Larger finished files are cut to nothing in the pool: it must not hold much disk.
 const MAX_SPARE_BYTES: u64 = 256 * 1024;
 
-/// A spare file, the fsync generation after which it may be reused, and its length.
+/// A spare file, the fsync generation after which it may be reused, and the length
+/// it counts for in the pool (0 for one that is to be cut).
 type Spare = (PathBuf, u64, u64);
 
 pub(super) struct Spares {
     dir: PathBuf,
+    /// Files kept at most ([`MAX_SPARES`]).
+    max: usize,
     /// Spare files with the fsync generation that makes each reusable, their lengths,
     /// and the sum of those lengths.
     free: Mutex<(VecDeque<Spare>, u64)>,
+    /// Spare files over the byte budget, to be cut to nothing once reusable.
+    to_cut: Mutex<VecDeque<(PathBuf, u64)>>,
     /// Generation of the last queue directory fsync started, and of the last one
     /// completed successfully (set by the dirsync thread).
     pub started: AtomicU64,
@@ -51,15 +63,30 @@ pub(super) struct Spares {
 }
 
 impl Spares {
-    /// Opens (creating) `dir` and removes whatever a previous run left in it.
+    /// Opens (creating) `dir`: the files a previous run left in it are cut to nothing
+    /// and kept.
     pub fn open(dir: &Path) -> std::io::Result<Spares> {
+        Spares::open_bounded(dir, MAX_SPARES)
+    }
+
+    /// [`Spares::open`] holding at most `max` files.
+    fn open_bounded(dir: &Path, max: usize) -> std::io::Result<Spares> {
         crate::disk::create_dir_durable(dir, crate::disk::PRIVATE)?;
+        let mut list = VecDeque::new();
         for e in fs::read_dir(dir)? {
-            fs::remove_file(e?.path())?;
+            let path = e?.path();
+            if list.len() >= max {
+                fs::remove_file(&path)?;
+                continue;
+            }
+            fs::OpenOptions::new().write(true).open(&path)?.set_len(0)?;
+            list.push_back((path, 0, 0));
         }
         Ok(Spares {
             dir: dir.to_owned(),
-            free: Mutex::new((VecDeque::new(), 0)),
+            max,
+            free: Mutex::new((list, 0)),
+            to_cut: Mutex::new(VecDeque::new()),
             started: AtomicU64::new(0),
             done: AtomicU64::new(0),
         })
@@ -68,6 +95,7 @@ impl Spares {
     /// A spare file that is safe to overwrite, if there is one.
     pub fn take(&self) -> Option<PathBuf> {
         let done = self.done.load(Ordering::Acquire);
+        self.cut_due(done);
         let mut free = self.free.lock();
         let (list, bytes) = &mut *free;
         match list.front() {
@@ -80,28 +108,117 @@ impl Spares {
         }
     }
 
-    /// Moves the finished file `msg` (of message `id`) into the pool, or unlinks it
-    /// when the pool is full or the file large.
+    /// Cuts the files over the byte budget that may now be overwritten. One that
+    /// was taken for a commit first is gone from here (NotFound): nothing to cut.
+    fn cut_due(&self, done: u64) {
+        loop {
+            let path = {
+                let mut q = self.to_cut.lock();
+                match q.front() {
+                    Some((_, need)) if *need <= done => q.pop_front().map(|(p, _)| p),
+                    _ => None,
+                }
+            };
+            let Some(path) = path else { return };
+            match fs::OpenOptions::new().write(true).open(&path) {
+                Ok(f) => {
+                    if let Err(e) = f.set_len(0) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot cut a spare file");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot cut a spare file")
+                }
+            }
+        }
+    }
+
+    /// Moves the finished file `msg` (of message `id`) into the pool (to be cut to
+    /// nothing when it is large or the pool holds its byte budget), or unlinks it when
+    /// the pool is full.
     pub fn put(&self, id: &str, msg: &Path) -> std::io::Result<()> {
         let len = fs::metadata(msg)?.len();
-        let room = {
+        let (room, fits) = {
             let free = self.free.lock();
-            free.0.len() < MAX_SPARES && free.1 + len <= MAX_POOL_BYTES
+            (
+                free.0.len() < self.max,
+                len <= MAX_SPARE_BYTES && free.1 + len <= MAX_POOL_BYTES,
+            )
         };
-        if !room || len > MAX_SPARE_BYTES {
+        if !room {
             return fs::remove_file(msg);
         }
         let to = self.dir.join(id);
         fs::rename(msg, &to)?;
         // Reusable after an fsync that starts from now on has completed.
         let need = self.started.load(Ordering::Acquire) + 1;
+        let counted = if fits { len } else { 0 };
+        if !fits {
+            self.to_cut.lock().push_back((to.clone(), need));
+        }
         let mut free = self.free.lock();
-        free.0.push_back((to, need, len));
-        free.1 += len;
+        free.0.push_back((to, need, counted));
+        free.1 += counted;
         Ok(())
     }
 
     pub fn len(&self) -> usize {
         self.free.lock().0.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Makes every rename so far covered by a (pretend) directory fsync.
+    fn synced(s: &Spares) {
+        let g = s.started.fetch_add(1, Ordering::SeqCst) + 1;
+        s.done.store(g, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn a_large_finished_file_keeps_its_inode_and_is_cut_once_reusable() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Spares::open(&d.path().join("spare")).unwrap();
+        let msg = d.path().join("BIG.msg");
+        fs::write(&msg, vec![b'x'; MAX_SPARE_BYTES as usize + 1]).unwrap();
+        s.put("BIG", &msg).unwrap();
+        let spare = d.path().join("spare/BIG");
+        // Not yet covered by an fsync: neither reused nor cut.
+        assert_eq!(s.take(), None);
+        assert_eq!(fs::metadata(&spare).unwrap().len(), MAX_SPARE_BYTES + 1);
+        synced(&s);
+        assert_eq!(s.take(), Some(spare.clone()));
+        assert_eq!(fs::metadata(&spare).unwrap().len(), 0);
+        assert_eq!(s.free.lock().1, 0, "a cut file counts for nothing");
+    }
+
+    #[test]
+    fn start_up_keeps_the_pool_cut_and_bounded_in_count() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("spare");
+        fs::create_dir(&dir).unwrap();
+        for i in 0..8 {
+            fs::write(dir.join(format!("{i:X}")), b"old").unwrap();
+        }
+        let s = Spares::open_bounded(&dir, 5).unwrap();
+        assert_eq!(s.len(), 5);
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 5);
+        // Left by an earlier run, never anybody's mail: reusable at once, and empty.
+        let first = s.take().unwrap();
+        assert_eq!(fs::metadata(&first).unwrap().len(), 0);
+        let msg = d.path().join("ONE.msg");
+        fs::write(&msg, b"x").unwrap();
+        s.put("ONE", &msg).unwrap();
+        assert!(dir.join("ONE").exists());
+        let msg = d.path().join("TWO.msg");
+        fs::write(&msg, b"x").unwrap();
+        s.put("TWO", &msg).unwrap();
+        assert!(
+            !msg.exists() && !dir.join("TWO").exists(),
+            "a full pool unlinks"
+        );
     }
 }
