@@ -64,7 +64,14 @@ pub fn sole_author(headers: &[u8]) -> Result<Mailbox, AuthorError> {
         return Err(AuthorError::AddressInName);
     }
     let addr = one.address.as_deref().ok_or(AuthorError::Unreadable)?;
-    Mailbox::parse(addr).map_err(|_| AuthorError::BadAddress)
+    let mailbox = Mailbox::parse(addr).map_err(|_| AuthorError::BadAddress)?;
+    // mail-parser reads leniently (`<a\@b.test>` becomes a@b.test): a reader may show
+    // the field as written, so the author must be written as it was read.
+    let written = String::from_utf8_lossy(value).to_lowercase();
+    if !written.contains(&mailbox.to_string().to_lowercase()) {
+        return Err(AuthorError::Unreadable);
+    }
+    Ok(mailbox)
 }
 
 /// `@` signs outside quoted strings and comments (nested, with quoted-pairs), and
@@ -134,6 +141,9 @@ mod tests {
             ("from: \"Alice A.\" <alice@alias.example>", ok.clone()),
             ("From: Alice\r\n <alice@alias.example>", ok.clone()),
             ("From: alice@alias.example (Alice at home)", ok.clone()),
+            // Read as A@0 by mail-parser, written otherwise (found by the property).
+            ("From: <A\\@0>", Err(Unreadable)),
+            ("From: <alice\\@alias.example>", Err(Unreadable)),
             (
                 "From: =?utf-8?q?Al=C3=AFce?= <alice@alias.example>",
                 ok.clone(),
