@@ -10,7 +10,10 @@
 # defaults (SPF and DKIM on) tenso hashes each body for DKIM at the end of DATA. DNS
 # goes to a loopback port where nothing answers: every lookup is refused at once and
 # recorded as temperror (the bench measures memory, not DNS). The same load runs a
-# second time with `[auth] spf = false, dkim = false` (label tenso-auth-off). Prints one MEMORY line per binary: the RSS before the
+# second time with `[auth] spf = false, dkim = false` (label tenso-auth-off), and a
+# third time with the defaults plus DKIM signing of the forwarded copy (label
+# tenso-signing): signing needs each message whole, so those read-backs take turns
+# within `[smtp] whole_message_memory` (64 MiB). Prints one MEMORY line per binary: the RSS before the
 # load, the peak RSS (VmHWM from /proc) over the whole transfer and delivery, the
 # per-transfer increase, and msgs/s end to end. The issue's target: peak RSS under
 # 64 MB + 256 KB per concurrent transfer (150 MB for 100 × 20 MB). Bounded: the wait
@@ -44,12 +47,16 @@ if [ ! -s "$MSG" ]; then
     } > "$MSG"
 fi
 
-run_one() {  # LABEL BIN AUTH(on|off)
+run_one() {  # LABEL BIN AUTH(on|off|sign)
     local label=$1 bin=$2 auth=$3
-    local auth_conf=""
-    [ "$auth" = on ] || auth_conf=$'spf = false\ndkim = false'
+    local auth_conf="" sign_conf=""
+    [ "$auth" != off ] || auth_conf=$'spf = false\ndkim = false'
     [ -s "$TDIR/pid" ] && kill "$(cat "$TDIR/pid")" 2>/dev/null || true
     rm -rf "$TDIR"; mkdir -p "$TDIR"
+    if [ "$auth" = sign ]; then
+        "$bin" dkim keygen --algorithm rsa --selector bench --domain fwd.test --out "$TDIR/dkim.pem" >/dev/null
+        sign_conf=$'[dkim]\ndomain = "fwd.test"\nselector = "bench"\nkey = "'"$TDIR/dkim.pem"'"'
+    fi
     cat > "$TDIR/tenso.toml" <<CONF
 hostname = "fwd.test"
 data_dir = "$TDIR/data"
@@ -64,6 +71,7 @@ $auth_conf
 nameservers = ["127.0.0.1:$DNS_PORT"]
 timeout = "1s"
 attempts = 1
+$sign_conf
 [tls]
 starttls = false
 [limits]
@@ -95,4 +103,5 @@ CONF
 echo "# memory: CONC=$CONC SIZE=$SIZE $(uptime)" | tee -a "$OUT"
 run_one tenso "$BIN" on
 run_one tenso-auth-off "$BIN" off
+run_one tenso-signing "$BIN" sign
 [ -z "${BASE_BIN:-}" ] || run_one tenso-base "$BASE_BIN" on

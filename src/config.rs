@@ -128,6 +128,11 @@ pub struct SmtpConfig {
     /// (like Postfix's `queue_minfree`). Default: 2 × `max_message_size` + 100 MiB.
     /// 0 turns the check off (a commit that meets a full disk still gets `452 4.3.1`).
     pub min_free_space: Option<u64>,
+    /// Bytes of messages all sessions together may hold whole in memory at the end of
+    /// DATA, for the checks that need a spilled message whole (spam gate, signing,
+    /// submission, bounces coming home). A session whose message does not fit waits
+    /// for its turn (one larger than the whole budget waits to be alone).
+    pub whole_message_memory: u64,
 }
 
 impl SmtpConfig {
@@ -774,6 +779,7 @@ impl Default for SmtpConfig {
             max_connections: 10_000,
             unknown_recipient: UnknownRecipient::Reject,
             min_free_space: None,
+            whole_message_memory: 64 * 1024 * 1024,
         }
     }
 }

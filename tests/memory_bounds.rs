@@ -112,3 +112,44 @@ async fn delivery_maps_empty_once_nothing_is_in_flight() {
         t.log()
     );
 }
+
+/// Spilled messages that must be read back whole (here null-sender mail to an alias,
+/// read as a possible bounce coming home) count against `[smtp] whole_message_memory`:
+/// with a budget smaller than one of them, three sent at once take turns (each waits
+/// to be alone), and every one is accepted and forwarded whole. A room that was never given back would make the
+/// second and third wait out their 60 s and get 451.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_read_back_whole_take_turns_within_the_memory_budget() {
+    let dns = dns().await;
+    let sink = TestSink::start().await;
+    let t = Tenso::start(&config(
+        &dns,
+        sink.port(),
+        "[smtp]\nwhole_message_memory = 1048576\n",
+    ))
+    .await;
+    add_alias(&t, "pool@alias.test", &["p@dest.test"], "pool").await;
+    let messages: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let mut m = original(&format!("big{i}@origin.test"), "pool@alias.test", "big");
+            for n in 0..9000 {
+                m.extend_from_slice(format!("line {n} of a large bounce {i}\r\n").as_bytes());
+            }
+            assert!(m.len() > 256 * 1024);
+            m
+        })
+        .collect();
+    let sends = messages
+        .iter()
+        .map(|m| send(&t, "", &["pool@alias.test"], m));
+    // `send` panics unless each gets its 250.
+    futures_util::future::join_all(sends).await;
+    let got = sink.wait_for(3, WAIT).await;
+    for m in &messages {
+        let tail = &m[m.len() - 200..];
+        assert!(
+            got.iter().any(|d| d.data.ends_with(tail)),
+            "a forwarded copy ends like the message sent"
+        );
+    }
+}

@@ -88,9 +88,11 @@ impl Session {
             Ok(d) => d,
             Err(reply) => return self.reply(reply),
         };
-        if let Err(reply) = self.whole_if_needed(&tx, &mut body, &mut draft).await {
-            return self.reply(reply);
-        }
+        // Room in `whole_message_memory`, held until this function returns.
+        let _room = match self.whole_if_needed(&tx, &mut body, &mut draft).await {
+            Ok(room) => room,
+            Err(reply) => return self.reply(reply),
+        };
         // RFC 8601 §5: results claiming to be ours can only be forged.
         let body = strip_forged_results(&body, self.ctx.cfg.authserv_id()).unwrap_or(body);
         let body = self.strip_foreign_spam_headers(body);
@@ -349,13 +351,13 @@ impl Session {
         tx: &Transaction,
         body: &mut Vec<u8>,
         draft: &mut Option<Draft>,
-    ) -> Result<(), Reply> {
+    ) -> Result<super::spill::WholeRoom, Reply> {
         let needs =
             self.ctx.spam.is_some() || self.ctx.signer.is_some() || tx.reverse_path.is_empty();
         if needs {
-            self.read_back(body, Ok(draft.take())).await?;
+            return self.read_back(body, Ok(draft.take())).await;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The body hashes DKIM and ARC need, for a message whose body is on disk: the

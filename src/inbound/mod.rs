@@ -160,6 +160,8 @@ pub struct Inbound {
     /// The submission service (587/465); None unless `[submission]` listens.
     pub submission: Option<Arc<submission::Service>>,
     permits: Arc<Semaphore>,
+    /// `[smtp] whole_message_memory` in KiB: spilled messages read back whole.
+    pub(crate) whole_memory: Arc<Semaphore>,
 }
 
 /// The services a session uses, handed over by the daemon.
@@ -199,6 +201,7 @@ impl Inbound {
             spam,
             limiter: Limiter::new(&cfg.limits),
             permits: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
+            whole_memory: Arc::new(Semaphore::new(spill::whole_budget_kib(&cfg))),
             table: p.table,
             spool: p.spool,
             queue: p.queue,

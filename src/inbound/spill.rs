@@ -84,20 +84,53 @@ impl Session {
     }
 }
 
+/// Copies of a message the end of DATA may hold at once while it builds the copy to
+/// commit (the message, its stripped and traced copies, a signed one): what a read
+/// back counts against `[smtp] whole_message_memory`.
+const WHOLE_COPIES: u64 = 3;
+/// The longest a session waits for room in `whole_message_memory`: then 451, and the
+/// client retries later.
+const WHOLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `[smtp] whole_message_memory` in KiB, the semaphore's unit (u32 permits).
+pub(super) fn whole_budget_kib(cfg: &crate::config::Config) -> usize {
+    (cfg.smtp.whole_message_memory / 1024).clamp(1, u32::MAX as u64 / 2) as usize
+}
+
+/// Room taken in `whole_message_memory`; given back when dropped.
+pub(super) type WholeRoom = Option<tokio::sync::OwnedSemaphorePermit>;
+
 impl Session {
-    /// The whole message in `body`: the draft of a spilled one is appended to it.
+    /// The whole message in `body`: the draft of a spilled one is appended to it,
+    /// once there is room for it in `[smtp] whole_message_memory` (kept until the
+    /// returned room is dropped, after the message's copies are gone).
     pub(super) async fn read_back(
         &self,
         body: &mut Vec<u8>,
         spilled: Result<Option<Draft>, Reply>,
-    ) -> Result<(), Reply> {
+    ) -> Result<WholeRoom, Reply> {
         let Some(draft) = spilled? else {
-            return Ok(());
+            return Ok(None);
+        };
+        let budget = self.ctx.whole_memory.clone();
+        let want = (body.len() as u64 + draft.len()) * WHOLE_COPIES / 1024 + 1;
+        // One message larger than the whole budget takes all of it: it waits to be alone.
+        let want = want.min(whole_budget_kib(&self.ctx.cfg) as u64) as u32;
+        let room = match tokio::time::timeout(WHOLE_WAIT, budget.acquire_many_owned(want)).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                tracing::warn!(client = %self.peer.ip(), size = body.len() as u64 + draft.len(), "no room to check the message whole within {}s: 451", WHOLE_WAIT.as_secs());
+                return Err(Reply::new(
+                    451,
+                    "4.3.0",
+                    "too many large messages being checked, try again later",
+                ));
+            }
         };
         match draft.read_all().await {
             Ok(rest) => {
                 body.extend_from_slice(&rest);
-                Ok(())
+                Ok(Some(room))
             }
             Err(e) => {
                 tracing::error!(client = %self.peer.ip(), error = %e, "cannot read back the message being received");

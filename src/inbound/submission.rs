@@ -420,10 +420,12 @@ impl Session {
             tracing::warn!(client = %self.peer.ip(), login = %tx.reverse_path, size = dec.size, reply = %reply, "submission refused");
             return self.reply(reply);
         }
-        // Submitted mail is signed whole: a message that spilled is read back.
-        if let Err(reply) = self.read_back(&mut body, spilled).await {
-            return self.reply(reply);
-        }
+        // Submitted mail is signed whole: a message that spilled is read back (room in
+        // `whole_message_memory` held until this function returns).
+        let _room = match self.read_back(&mut body, spilled).await {
+            Ok(room) => room,
+            Err(reply) => return self.reply(reply),
+        };
         if let Err(reply) = self.check_submitted(&svc, &tx, &body) {
             self.ctx
                 .counters

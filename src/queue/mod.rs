@@ -344,8 +344,11 @@ async fn run(
                     Cmd::Enqueue(env, body) => {
                         let id = env.id.clone();
                         // Keep fresh bodies in memory for the first attempt, up to a
-                        // bound: a backlog is read back from the spool instead.
-                        let body = body.filter(|b| cached + b.len() <= BODY_CACHE_BYTES);
+                        // bound: a backlog is read back from the spool instead. A large
+                        // one is always sent from its spool file, never held here.
+                        let body = body.filter(|b| {
+                            b.len() as u64 <= STREAM_AT && cached + b.len() <= BODY_CACHE_BYTES
+                        });
                         cached += body.as_ref().map_or(0, |b| b.len());
                         entries.insert(id.clone(), Entry { env, body, running: false, due: None, flush: false });
                         schedule(&mut entries, &mut timers, &id);
