@@ -28,7 +28,7 @@ use super::store::{Change, KeyedHealth, split_key};
 use super::view::View;
 use super::{AliasEntry, DestHealth, TableError, decode, encode};
 use crate::config::TableConfig;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -239,20 +239,23 @@ impl PgStore {
     /// Runs `f` on the store's runtime and waits for it, at most `query_timeout`.
     fn run<T, F, Fut>(&self, f: F) -> Result<T, TableError>
     where
-        F: FnOnce(Pool) -> Fut,
+        F: FnOnce(Client) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, TableError>> + Send + 'static,
         T: Send + 'static,
     {
         self.run_for(self.inner.query_timeout, f)
     }
 
+    /// Runs `f` with a pooled connection on the store's runtime; the deadline covers
+    /// waiting for the connection too.
     fn run_for<T, F, Fut>(&self, deadline: Duration, f: F) -> Result<T, TableError>
     where
-        F: FnOnce(Pool) -> Fut,
+        F: FnOnce(Client) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, TableError>> + Send + 'static,
         T: Send + 'static,
     {
-        let fut = f(self.inner.pool.clone());
+        let pool = self.inner.pool.clone();
+        let fut = async move { f(pool.get().await.map_err(pool_err)?).await };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let rt = self
             .inner
@@ -281,8 +284,7 @@ impl PgStore {
 
     /// Does the database answer? (The reachability probe of `/health`.)
     pub fn ping(&self) -> Result<(), TableError> {
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             c.execute("SELECT 1", &[]).await.map_err(db)?;
             Ok(())
         })
@@ -290,16 +292,12 @@ impl PgStore {
 
     /// Creates or upgrades the schema; returns the version now in place.
     pub fn migrate(&self) -> Result<usize, TableError> {
-        self.run(|pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
-            migrate_on(&mut c).await
-        })
+        self.run(move |mut c| async move { migrate_on(&mut c).await })
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<AliasEntry>, TableError> {
         let (d, l) = split_key(key);
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let row = c
                 .query_opt(
                     "SELECT entry FROM aliases WHERE domain = $1 AND local = $2",
@@ -316,8 +314,7 @@ impl PgStore {
         let mut out = HashMap::new();
         for chunk in keys.chunks(50_000) {
             let (ds, ls): (Vec<String>, Vec<String>) = chunk.iter().map(|k| split_key(k)).unzip();
-            let rows = self.run(|pool| async move {
-                let c = pool.get().await.map_err(pool_err)?;
+            let rows = self.run(move |c| async move {
                 c.query(
                     "SELECT a.domain, a.local, a.entry FROM aliases a \
                      JOIN unnest($1::text[], $2::text[]) AS k(domain, local) \
@@ -344,8 +341,7 @@ impl PgStore {
         change: Change,
     ) -> Result<u64, TableError> {
         let (d, l) = split_key(key);
-        self.run(|pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             let n = match &entry {
                 Some(e) => tx.execute(sql, &[&d, &l, e]).await,
@@ -385,8 +381,7 @@ impl PgStore {
 
     pub fn remove(&self, key: &[u8]) -> Result<bool, TableError> {
         let (d, l) = split_key(key);
-        self.run(|pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             let n = tx
                 .execute(
@@ -411,8 +406,7 @@ impl PgStore {
 
     pub fn list(&self, domain: Option<&str>) -> Result<Vec<(Vec<u8>, AliasEntry)>, TableError> {
         let domain = domain.map(str::to_string);
-        let rows = self.run_for(self.inner.query_timeout * 12, |pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let rows = self.run_for(self.inner.query_timeout * 12, move |c| async move {
             match domain {
                 Some(d) => {
                     c.query(
@@ -442,8 +436,7 @@ impl PgStore {
     }
 
     pub fn count(&self) -> Result<usize, TableError> {
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let n: i64 = c
                 .query_one("SELECT count(*) FROM aliases", &[])
                 .await
@@ -455,8 +448,7 @@ impl PgStore {
 
     pub fn add_domains(&self, domains: &[String]) -> Result<(), TableError> {
         let ds = domains.to_vec();
-        self.run(|pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             tx.execute(
                 "INSERT INTO domains SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -499,8 +491,7 @@ impl PgStore {
     }
 
     fn strings(&self, sql: &'static str) -> Result<Vec<String>, TableError> {
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let rows = c.query(sql, &[]).await.map_err(db)?;
             Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
         })
@@ -517,8 +508,7 @@ impl PgStore {
 
     pub fn health(&self, key: &[u8]) -> Result<Vec<DestHealth>, TableError> {
         let (d, l) = split_key(key);
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let row = c
                 .query_opt(
                     "SELECT list FROM health WHERE domain = $1 AND local = $2",
@@ -543,8 +533,7 @@ impl PgStore {
         // Read, merge here, write: the merge closure cannot travel to the runtime.
         let old = self.run({
             let (d, l) = (d.clone(), l.clone());
-            |pool| async move {
-                let c = pool.get().await.map_err(pool_err)?;
+            move |c| async move {
                 let row = c
                     .query_opt(
                         "SELECT list FROM health WHERE domain = $1 AND local = $2",
@@ -561,8 +550,7 @@ impl PgStore {
             .unwrap_or_default();
         merge(&mut list);
         let new = serde_json::to_string(&list).expect("health serializes");
-        let swapped = self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let swapped = self.run(move |c| async move {
             let n = match old {
                 Some(o) => {
                     c.execute(
@@ -591,8 +579,7 @@ impl PgStore {
     }
 
     pub fn all_health(&self) -> Result<Vec<KeyedHealth>, TableError> {
-        let rows = self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let rows = self.run(move |c| async move {
             c.query(
                 "SELECT domain, local, list FROM health ORDER BY domain, local",
                 &[],
@@ -635,8 +622,7 @@ impl PgStore {
         // A bulk load is allowed the time it takes: a minute per million rows.
         let deadline =
             self.inner.query_timeout + Duration::from_secs(60 + entries.len() as u64 / 10_000);
-        self.run_for(deadline, |pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
+        self.run_for(deadline, move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             tx.batch_execute(
                 "CREATE TEMP TABLE tenso_import (domain text COLLATE \"C\", local text COLLATE \"C\", entry text) ON COMMIT DROP",
@@ -914,8 +900,7 @@ fn apply(view: &View, payload: &str) -> i64 {
 impl PgStore {
     pub fn fwd_record(&self, rec: &FwdRecord) -> Result<(), TableError> {
         let mut rec = rec.clone();
-        self.run(|pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             let old = tx
                 .query_opt(
@@ -950,8 +935,7 @@ impl PgStore {
 
     pub fn fwd_get(&self, queue_id: &str, alias: &str) -> Result<Option<FwdRecord>, TableError> {
         let (q, a) = (queue_id.to_string(), alias.to_string());
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let row = c
                 .query_opt(
                     "SELECT rec FROM fwdlog WHERE queue_id = $1 AND alias = $2",
@@ -965,8 +949,7 @@ impl PgStore {
 
     pub fn fwd_by_mid(&self, mid: &str, alias: &str) -> Result<Option<FwdRecord>, TableError> {
         let (m, a) = (mid.to_string(), alias.to_string());
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let row = c
                 .query_opt(
                     "SELECT f.rec FROM fwdlog_mid m JOIN fwdlog f \
@@ -981,8 +964,7 @@ impl PgStore {
     }
 
     pub fn fwd_expire(&self, cutoff: i64) -> Result<usize, TableError> {
-        self.run(|pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
+        self.run(move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             tx.execute(
                 "DELETE FROM fwdlog_mid m USING fwdlog f \
@@ -1001,8 +983,7 @@ impl PgStore {
     }
 
     pub fn fwd_all(&self) -> Result<Vec<FwdRecord>, TableError> {
-        let rows = self.run_for(self.inner.query_timeout * 12, |pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let rows = self.run_for(self.inner.query_timeout * 12, move |c| async move {
             c.query("SELECT rec FROM fwdlog ORDER BY queue_id, alias", &[])
                 .await
                 .map_err(db)
@@ -1014,8 +995,7 @@ impl PgStore {
     }
 
     pub fn fwd_len(&self) -> Result<usize, TableError> {
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let n: i64 = c
                 .query_one("SELECT count(*) FROM fwdlog", &[])
                 .await
@@ -1031,8 +1011,7 @@ impl PgStore {
     /// Sets the login of an existing alias; false when there is no such alias.
     pub fn login_set(&self, key: &[u8], login: String) -> Result<bool, TableError> {
         let (d, l) = split_key(key);
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let n = c
                 .execute(
                     "INSERT INTO logins SELECT domain, local, $3 FROM aliases \
@@ -1048,8 +1027,7 @@ impl PgStore {
 
     pub fn login_remove(&self, key: &[u8]) -> Result<bool, TableError> {
         let (d, l) = split_key(key);
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let n = c
                 .execute(
                     "DELETE FROM logins WHERE domain = $1 AND local = $2",
@@ -1063,8 +1041,7 @@ impl PgStore {
 
     pub fn login_get(&self, key: &[u8]) -> Result<Option<String>, TableError> {
         let (d, l) = split_key(key);
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let row = c
                 .query_opt(
                     "SELECT login FROM logins WHERE domain = $1 AND local = $2",
@@ -1077,8 +1054,7 @@ impl PgStore {
     }
 
     pub fn login_all(&self) -> Result<Vec<(Vec<u8>, String)>, TableError> {
-        let rows = self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let rows = self.run(move |c| async move {
             c.query(
                 "SELECT domain, local, login FROM logins ORDER BY domain, local",
                 &[],
@@ -1130,8 +1106,7 @@ impl PgStore {
         max_bytes: u64,
     ) -> Result<Vec<(String, u64)>, TableError> {
         let deadline = self.inner.query_timeout + Duration::from_secs(body.len() as u64 >> 20);
-        self.run_for(deadline, move |pool| async move {
-            let mut c = pool.get().await.map_err(pool_err)?;
+        self.run_for(deadline, move |mut c| async move {
             let tx = c.transaction().await.map_err(db)?;
             tx.execute(
                 "INSERT INTO pool (id, alias, time, size, seen, body) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -1165,8 +1140,7 @@ impl PgStore {
     /// Pooled messages of one alias (its pool name) or all, oldest first.
     pub fn pool_list(&self, alias: Option<&str>) -> Result<Vec<PooledRow>, TableError> {
         let alias = alias.map(str::to_string);
-        let rows = self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let rows = self.run(move |c| async move {
             match alias {
                 Some(a) => {
                     c.query(
@@ -1192,8 +1166,7 @@ impl PgStore {
 
     pub fn pool_read(&self, id: &str) -> Result<Option<(PooledRow, Vec<u8>)>, TableError> {
         let id = id.to_string();
-        let row = self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let row = self.run(move |c| async move {
             c.query_opt(
                 &format!("SELECT {POOL_COLUMNS}, body FROM pool WHERE id = $1"),
                 &[&id],
@@ -1207,8 +1180,7 @@ impl PgStore {
     /// Removes entries by id; returns those that were there.
     pub fn pool_remove(&self, ids: &[String]) -> Result<Vec<PooledRow>, TableError> {
         let ids = ids.to_vec();
-        let rows = self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        let rows = self.run(move |c| async move {
             c.query(
                 &format!("DELETE FROM pool WHERE id = ANY($1) RETURNING {POOL_COLUMNS}"),
                 &[&ids],
@@ -1222,8 +1194,7 @@ impl PgStore {
     /// Marks entries exported to `node`'s Maildir (and seen there, or not).
     pub fn pool_mark(&self, id: &str, node: &str, seen: bool) -> Result<(), TableError> {
         let (id, node) = (id.to_string(), node.to_string());
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             c.execute(
                 "UPDATE pool SET exported_by = $2, seen = seen OR $3 WHERE id = $1",
                 &[&id, &node, &seen],
@@ -1238,8 +1209,7 @@ impl PgStore {
     /// `every` seconds before `now` (on any node): true means "run it here".
     pub fn claim_job(&self, name: &str, now: i64, every: i64) -> Result<bool, TableError> {
         let name = name.to_string();
-        self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
+        self.run(move |c| async move {
             let row = c
                 .query_opt(
                     "INSERT INTO tenso_jobs VALUES ($1, $2) ON CONFLICT (name) DO UPDATE \
