@@ -42,8 +42,8 @@ if [ ! -s "$MSG" ]; then
         printf 'From: <sender@sender.test>\nTo: <user@%s>\nSubject: memory\n' "$ALIAS_DOMAIN"
         printf 'DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test; s=bench;\n'
         printf ' h=from:to:subject; bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=AAAA\n\n'
-        yes 'memory benchmark body line  with 	 blanks  and some text to make it 78 octets' |
-            head -c "$SIZE"
+        # Not `yes | head`: under pipefail yes's SIGPIPE would end the script.
+        head -c "$SIZE" < <(yes 'memory benchmark body line  with 	 blanks  and some text to make it 78 octets')
     } > "$MSG"
 fi
 

@@ -128,10 +128,11 @@ pub struct SmtpConfig {
     /// (like Postfix's `queue_minfree`). Default: 2 × `max_message_size` + 100 MiB.
     /// 0 turns the check off (a commit that meets a full disk still gets `452 4.3.1`).
     pub min_free_space: Option<u64>,
-    /// Bytes of messages all sessions together may hold whole in memory at the end of
-    /// DATA, for the checks that need a spilled message whole (spam gate, signing,
-    /// submission, bounces coming home). A session whose message does not fit waits
-    /// for its turn (one larger than the whole budget waits to be alone).
+    /// Memory all sessions together may use for spilled messages read back whole at
+    /// the end of DATA (spam gate, signing, submission, bounces coming home), each
+    /// counted three times its size (the copies the end of DATA builds). A session
+    /// whose message does not fit waits for its turn, at most 60 s, then 451; one
+    /// counted at more than the whole budget (over ~21 MiB by default) waits to be alone.
     pub whole_message_memory: u64,
 }
 

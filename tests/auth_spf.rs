@@ -467,3 +467,44 @@ async fn rewritten_mail_from_passes_spf_at_the_destination() {
         .await;
     assert_eq!(orig.result(), SpfResult::Fail);
 }
+
+/// A header section longer than a session keeps in memory (128 KiB): the fields past
+/// that point are examined too (the message is read back whole), so a forged result
+/// placed there is stripped like one on top.
+#[tokio::test]
+async fn forged_results_past_the_first_128_kib_of_header_are_stripped_too() {
+    let dns = spf_zone().start().await;
+    let dest = TestSink::start().await;
+    let senders = TestSink::start().await;
+    let t = relay(&dns, &dest, &senders, "").await;
+    let mut msg = Vec::new();
+    for i in 0..1500 {
+        msg.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "f".repeat(100)).as_bytes());
+    }
+    assert!(msg.len() > 140 * 1024);
+    msg.extend_from_slice(
+        b"Authentication-Results: tenso.test; dkim=pass header.d=forged-late.example\r\n\
+From: user@fail.test\r\nTo: alice@alias.test\r\nSubject: long header\r\n\r\nbody\r\n",
+    );
+    submit_ok(
+        &t,
+        "127.0.0.1",
+        "client.test",
+        "user@fail.test",
+        &["alice@alias.test"],
+        &msg,
+    )
+    .await;
+    let got = dest.wait_for(1, WAIT).await;
+    let text = got[0].text();
+    assert!(
+        !text.contains("forged-late.example"),
+        "a forged result past 128 KiB survived"
+    );
+    assert!(text.contains("X-Filler-1499: "), "the long header was kept");
+    assert_eq!(
+        header_values(&got[0].data, "Authentication-Results").len(),
+        1,
+        "only ours"
+    );
+}

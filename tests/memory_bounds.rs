@@ -115,8 +115,8 @@ async fn delivery_maps_empty_once_nothing_is_in_flight() {
 
 /// Spilled messages that must be read back whole (here null-sender mail to an alias,
 /// read as a possible bounce coming home) count against `[smtp] whole_message_memory`:
-/// with a budget smaller than one of them, three sent at once take turns (each waits
-/// to be alone), and every one is accepted and forwarded whole. A room that was never given back would make the
+/// each is counted at about 830 KiB of a 1 MiB budget, so three sent at once take
+/// turns, and every one is accepted and forwarded whole. A room that was never given back would make the
 /// second and third wait out their 60 s and get 451.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_read_back_whole_take_turns_within_the_memory_budget() {

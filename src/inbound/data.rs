@@ -81,21 +81,28 @@ impl Session {
             .take()
             .expect("DATA only starts inside a transaction");
         let client = self.peer.ip();
+        let (mut draft, mut header_room) = (None, None);
+        if dec.error.is_none() {
+            draft = match spilled {
+                Ok(d) => d,
+                Err(reply) => return self.reply(reply),
+            };
+            // A header section longer than what stayed in memory: every field must be
+            // examined (hops, forged results, what DKIM signs), so the message is read
+            // whole, within `whole_message_memory`.
+            if draft.is_some() && !super::spill::header_complete(&body) {
+                header_room = match self.read_back(&mut body, Ok(draft.take())).await {
+                    Ok(room) => room,
+                    Err(reply) => return self.reply(reply),
+                };
+            }
+        }
         if let Err(reply) = self.refuse_unchecked(&dec, &body) {
             return self.reply(reply);
         }
-        let mut draft = match spilled {
-            Ok(d) => d,
-            Err(reply) => return self.reply(reply),
-        };
-        // Room in `whole_message_memory`, held until this function returns.
-        let _room = match self.whole_if_needed(&tx, &mut body, &mut draft).await {
-            Ok(room) => room,
-            Err(reply) => return self.reply(reply),
-        };
         // RFC 8601 §5: results claiming to be ours can only be forged.
         let body = strip_forged_results(&body, self.ctx.cfg.authserv_id()).unwrap_or(body);
-        let body = self.strip_foreign_spam_headers(body);
+        let mut body = self.strip_foreign_spam_headers(body);
         let helo = self.helo.clone().unwrap_or_default();
         let checked = match self.spilled_body_hashes(&body, draft.as_ref()).await {
             Ok(Some(hashes)) => Body::Hashed(&body, hashes),
@@ -115,6 +122,12 @@ impl Session {
             tracing::warn!(client = %client, from = %tx.reverse_path, auth = %verdict.summary, reply = %reply, "message refused by DMARC policy");
             return self.reply(reply);
         }
+        // Read whole only now, after the DNS checks: room in `whole_message_memory` is
+        // held for the rest of this function, not through lookups.
+        let _rooms = match self.whole_if_needed(&tx, &mut body, &mut draft).await {
+            Ok(room) => (header_room, room),
+            Err(reply) => return self.reply(reply),
+        };
         let delivered_to = field_values(header_section(&body), "delivered-to");
         let looped = |trace: &str| delivered_to.iter().any(|d| d.eq_ignore_ascii_case(trace));
 
@@ -343,7 +356,7 @@ impl Session {
         Ok(rcpts)
     }
 
-    /// A spilled message stays on disk unless a check needs it whole in memory: the
+    /// A spilled message stays on disk unless a step needs it whole in memory: the
     /// spam gate, signing, or a bounce coming home to an alias (parsed as a DSN).
     /// DKIM, ARC and DMARC do not: they read a spilled body in pieces.
     async fn whole_if_needed(
@@ -352,8 +365,12 @@ impl Session {
         body: &mut Vec<u8>,
         draft: &mut Option<Draft>,
     ) -> Result<super::spill::WholeRoom, Reply> {
-        let needs =
-            self.ctx.spam.is_some() || self.ctx.signer.is_some() || tx.reverse_path.is_empty();
+        let bounce_home = tx.reverse_path.is_empty()
+            && tx
+                .targets
+                .iter()
+                .any(|t| matches!(t, forward::Target::Alias { .. }));
+        let needs = self.ctx.spam.is_some() || self.ctx.signer.is_some() || bounce_home;
         if needs {
             return self.read_back(body, Ok(draft.take())).await;
         }

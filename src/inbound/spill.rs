@@ -6,10 +6,12 @@
 //! `Session::data` until the spill and to `Session::tail` after it. What stays in
 //! memory is the header section (everything the end-of-DATA header work reads); the
 //! body goes to disk. A header section longer than `SPILL_AT` is cut at a line end:
-//! fields past it are not examined (Postfix's `header_size_limit` works alike). DKIM,
-//! ARC and DMARC read the draft in pieces for their body hashes; checks that need the
-//! whole message (the spam gate, signing, bounces coming home, submission) read the
-//! draft back at the end of DATA; with those off, nothing large is ever in memory. A draft that cannot be written makes the end of DATA a 4xx, never a 250.
+//! the end of DATA then reads the message back whole (within `[smtp]
+//! whole_message_memory`), so every field is examined. DKIM, ARC and DMARC read the
+//! draft in pieces for their body hashes; steps that need the whole message (the spam
+//! gate, signing, bounces coming home, submission) read the draft back at the end of
+//! DATA; with those off, nothing large is ever in memory. A draft that cannot be
+//! written makes the end of DATA a 4xx, never a 250.
 
 use super::session::Session;
 use crate::smtp::Reply;
@@ -140,6 +142,12 @@ impl Session {
     }
 }
 
+/// Whether `head` holds the whole header section (its empty line; a message without
+/// header fields starts with it).
+pub(super) fn header_complete(head: &[u8]) -> bool {
+    head.starts_with(b"\r\n") || head.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
 /// Where the in-memory head ends: after the header section's blank line when it is
 /// in `data`, else after the last complete line.
 fn split_point(data: &[u8]) -> usize {
@@ -154,6 +162,14 @@ fn split_point(data: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::split_point;
+
+    #[test]
+    fn the_header_is_complete_when_its_empty_line_is_there() {
+        assert!(super::header_complete(b"A: b\r\n\r\nbody"));
+        assert!(super::header_complete(b"\r\nbody without fields"));
+        assert!(!super::header_complete(b"A: b\r\nC: d\r\n"));
+        assert!(!super::header_complete(b"A: b\r\n\r"));
+    }
 
     #[test]
     fn the_head_ends_after_the_header_section_or_a_line() {

@@ -36,26 +36,42 @@ pub struct Checks {
     pub bodies: BodyHashes,
 }
 
-/// Every body hash the checks of `m` need; with `seal`, the one an ARC seal carries.
+/// Distinct body hashes made for one message: each is a pass over the whole body, and
+/// a message can ask for many (ten DKIM signatures and fifty ARC sets, each with its
+/// own `l=`) before any key is fetched. A signature whose hash was not made fails
+/// with "body not hashed".
+pub const MAX_BODY_HASHES: usize = 8;
+
+/// The body hashes the checks of `m` need, at most [`MAX_BODY_HASHES`]: the one an ARC
+/// seal carries (with `seal`), the DKIM signatures' top first, then the ARC message
+/// signatures' newest first.
 fn body_hash_keys(m: &Message, seal: bool) -> Vec<BodyHashKey> {
     let (cands, _) = dkim::candidates(m);
-    let mut keys: Vec<BodyHashKey> = dkim::body_hash_keys(&cands).collect();
-    keys.extend(arc::body_hash_keys(&arc::prepare(m)));
-    if seal {
-        keys.push(super::seal::SEALED_BODY);
+    let mut ams = arc::body_hash_keys(&arc::prepare(m));
+    ams.reverse();
+    let mut keys: Vec<BodyHashKey> = Vec::new();
+    let all = seal
+        .then_some(super::seal::SEALED_BODY)
+        .into_iter()
+        .chain(dkim::body_hash_keys(&cands))
+        .chain(ams);
+    for k in all {
+        if keys.len() == MAX_BODY_HASHES {
+            break;
+        }
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
     }
     keys
 }
 
 /// The hasher for the body of a message that did not stay in memory: `head` is the
-/// start of the message that did (its header section, or as much of it as was kept);
-/// the caller feeds what follows `head` and passes the result to [`check`].
+/// start of the message that did, its whole header section at least; the caller
+/// feeds what follows `head` and passes the result to [`check`].
 pub fn body_hasher(head: &[u8], seal: bool) -> BodyHasher {
     let m = Message::parse(head);
     let mut h = BodyHasher::new(body_hash_keys(&m, seal));
-    if !m.header_ended {
-        h = h.after_header();
-    }
     h.write(m.body);
     h
 }
@@ -64,8 +80,8 @@ pub fn body_hasher(head: &[u8], seal: bool) -> BodyHasher {
 pub enum Body<'a> {
     /// The whole message.
     Whole(&'a [u8]),
-    /// The start of a message (at least as much of its header section as was kept)
-    /// and the hashes of its body, from [`body_hasher`] with the same `seal`.
+    /// The start of a message (its whole header section at least) and the hashes of
+    /// its body, from [`body_hasher`] with the same `seal`.
     Hashed(&'a [u8], BodyHashes),
 }
 
@@ -212,5 +228,36 @@ impl Checks {
             doomed,
             reject: refuse,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_hashes_asked_are_bounded_and_the_seal_and_top_signatures_come_first() {
+        let mut msg = String::new();
+        for l in 0..12 {
+            msg.push_str(&format!(
+                "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=x.test; s=s; \
+                 h=from; l={l}; bh=AAAA; b=AAAA\r\n"
+            ));
+        }
+        msg.push_str("From: a@x.test\r\n\r\nbody\r\n");
+        let m = Message::parse(msg.as_bytes());
+        let keys = body_hash_keys(&m, false);
+        assert_eq!(keys.len(), MAX_BODY_HASHES);
+        assert_eq!(keys[0].limit, Some(0), "the top signature first");
+        let sealed = body_hash_keys(&m, true);
+        assert_eq!(sealed.len(), MAX_BODY_HASHES);
+        assert_eq!(sealed[0], super::super::seal::SEALED_BODY);
+        // Repeated keys count once.
+        let one = "DKIM-Signature: v=1; a=rsa-sha256; d=x.test; s=s; h=from; bh=AAAA; b=AAAA\r\n";
+        let twice = format!("{one}{one}From: a@x.test\r\n\r\nbody\r\n");
+        assert_eq!(
+            body_hash_keys(&Message::parse(twice.as_bytes()), false).len(),
+            1
+        );
     }
 }

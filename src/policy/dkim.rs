@@ -168,9 +168,6 @@ impl<'a> Field<'a> {
 pub struct Message<'a> {
     pub fields: Vec<Field<'a>>,
     pub body: &'a [u8],
-    /// The empty line ending the header section was found (else `body` is empty
-    /// and whatever follows the input is still header).
-    pub header_ended: bool,
 }
 
 impl<'a> Message<'a> {
@@ -191,7 +188,6 @@ impl<'a> Message<'a> {
                 return Message {
                     fields,
                     body: &msg[end..],
-                    header_ended: true,
                 };
             }
             if line[0] == b' ' || line[0] == b'\t' {
@@ -211,11 +207,7 @@ impl<'a> Message<'a> {
             }
             pos = end;
         }
-        Message {
-            fields,
-            body: &[],
-            header_ended: false,
-        }
+        Message { fields, body: &[] }
     }
 }
 

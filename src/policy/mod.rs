@@ -113,12 +113,12 @@ impl Auth {
         &self.ma
     }
 
-    /// The policy checks' resolver front (its `timeouts()` is `dns_timeouts`).
     /// Whether messages get an ARC seal (their body hash is made for it).
     pub fn seals(&self) -> bool {
         self.arc.is_some()
     }
 
+    /// The policy checks' resolver front (its `timeouts()` is `dns_timeouts`).
     pub fn dns(&self) -> &crate::dns::Dns {
         &self.dns
     }

@@ -66,7 +66,9 @@ pub fn sole_author(headers: &[u8]) -> Result<Mailbox, AuthorError> {
     let addr = one.address.as_deref().ok_or(AuthorError::Unreadable)?;
     let mailbox = Mailbox::parse(addr).map_err(|_| AuthorError::BadAddress)?;
     // mail-parser reads leniently (`<a\@b.test>` becomes a@b.test): a reader may show
-    // the field as written, so the author must be written as it was read.
+    // the field as written, so the author must be written as it was read. (A comment
+    // or display name holding the address was refused above: mail-parser takes a
+    // comment for the display name.)
     let written = String::from_utf8_lossy(value).to_lowercase();
     if !written.contains(&mailbox.to_string().to_lowercase()) {
         return Err(AuthorError::Unreadable);
@@ -144,6 +146,14 @@ mod tests {
             // Read as A@0 by mail-parser, written otherwise (found by the property).
             ("From: <A\\@0>", Err(Unreadable)),
             ("From: <alice\\@alias.example>", Err(Unreadable)),
+            (
+                "From: (alice@alias.example) <alice\\@alias.example>",
+                Err(AddressInName),
+            ),
+            (
+                "From: <alice\\@alias.example> (alice@alias.example)",
+                Err(AddressInName),
+            ),
             (
                 "From: =?utf-8?q?Al=C3=AFce?= <alice@alias.example>",
                 ok.clone(),

@@ -105,7 +105,7 @@ struct Inner {
 }
 
 impl Spool {
-    /// Opens (creating) the queue directory and its sibling `spare/` (emptied), and
+    /// Opens (creating) the queue directory and its sibling `spare/` (kept, see `spare.rs`), and
     /// starts the directory-sync thread.
     pub fn open(dir: &Path, quarantine: &Path) -> Result<Spool, SpoolError> {
         disk::create_dir_durable(dir, disk::PRIVATE).map_err(io_err(dir))?;
@@ -304,7 +304,12 @@ impl Spool {
         // Most messages never had an `ID.env`: a lookup (no directory lock) spares
         // them an unlink (which takes it). Only the queue writes `ID.env`, and not
         // while the message is being removed, so nothing appears in between.
-        if env.symlink_metadata().is_ok() {
+        let had_env = match env.symlink_metadata() {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(&env)(e)),
+        };
+        if had_env {
             match fs::remove_file(&env) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&env)(e)),
                 _ => {}

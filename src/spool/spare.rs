@@ -17,13 +17,16 @@
 //!   its new length before the data fsync; the usual commit protocol follows.
 //! - The pool is bounded in count (beyond it files are unlinked) and in the disk space
 //!   it holds: a file past the byte budget, or larger than [`MAX_SPARE_BYTES`], keeps
-//!   its inode but is cut to nothing once it may be overwritten (the same fsync rule).
-//!   Unlinking it instead would bring the `recently_deleted()` scan back for the next
-//!   creates, and after a run of large messages that is every create of the next
-//!   run.
-//! - Start-up keeps what a previous run left in `spare/`, cut to nothing (a spare file
-//!   is never anybody's mail). Emptying `spare/` by unlinking would make each of the
-//!   next creates scan every file just unlinked.
+//!   its inode but is cut to nothing as it enters the pool. Unlinking it instead would
+//!   bring the `recently_deleted()` scan back for the next creates, and after a run of
+//!   large messages that is every create of the next run. Cutting is not reusing: if
+//!   a crash undid the rename, `ID.msg` would come back empty, which recovery
+//!   quarantines — the message was delivered already (only finished messages are
+//!   removed), so nothing is lost and nothing is sent with another message's content.
+//! - Start-up keeps what a previous run left in `spare/`, cut to nothing, and reusable
+//!   only after this run's first directory fsync (the previous run may have been killed
+//!   before the one that covered its last renames). Emptying `spare/` by unlinking
+//!   would make each of the next creates scan every file just unlinked.
 //!
 //! Blocking I/O: callers run it on tokio's blocking pool.
 
@@ -54,8 +57,6 @@ pub(super) struct Spares {
     /// Spare files with the fsync generation that makes each reusable, their lengths,
     /// and the sum of those lengths.
     free: Mutex<(VecDeque<Spare>, u64)>,
-    /// Spare files over the byte budget, to be cut to nothing once reusable.
-    to_cut: Mutex<VecDeque<(PathBuf, u64)>>,
     /// Generation of the last queue directory fsync started, and of the last one
     /// completed successfully (set by the dirsync thread).
     pub started: AtomicU64,
@@ -64,7 +65,7 @@ pub(super) struct Spares {
 
 impl Spares {
     /// Opens (creating) `dir`: the files a previous run left in it are cut to nothing
-    /// and kept.
+    /// and kept, reusable after the first directory fsync.
     pub fn open(dir: &Path) -> std::io::Result<Spares> {
         Spares::open_bounded(dir, MAX_SPARES)
     }
@@ -80,13 +81,12 @@ impl Spares {
                 continue;
             }
             fs::OpenOptions::new().write(true).open(&path)?.set_len(0)?;
-            list.push_back((path, 0, 0));
+            list.push_back((path, 1, 0));
         }
         Ok(Spares {
             dir: dir.to_owned(),
             max,
             free: Mutex::new((list, 0)),
-            to_cut: Mutex::new(VecDeque::new()),
             started: AtomicU64::new(0),
             done: AtomicU64::new(0),
         })
@@ -95,7 +95,6 @@ impl Spares {
     /// A spare file that is safe to overwrite, if there is one.
     pub fn take(&self) -> Option<PathBuf> {
         let done = self.done.load(Ordering::Acquire);
-        self.cut_due(done);
         let mut free = self.free.lock();
         let (list, bytes) = &mut *free;
         match list.front() {
@@ -108,34 +107,8 @@ impl Spares {
         }
     }
 
-    /// Cuts the files over the byte budget that may now be overwritten. One that
-    /// was taken for a commit first is gone from here (NotFound): nothing to cut.
-    fn cut_due(&self, done: u64) {
-        loop {
-            let path = {
-                let mut q = self.to_cut.lock();
-                match q.front() {
-                    Some((_, need)) if *need <= done => q.pop_front().map(|(p, _)| p),
-                    _ => None,
-                }
-            };
-            let Some(path) = path else { return };
-            match fs::OpenOptions::new().write(true).open(&path) {
-                Ok(f) => {
-                    if let Err(e) = f.set_len(0) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot cut a spare file");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot cut a spare file")
-                }
-            }
-        }
-    }
-
-    /// Moves the finished file `msg` (of message `id`) into the pool (to be cut to
-    /// nothing when it is large or the pool holds its byte budget), or unlinks it when
+    /// Moves the finished file `msg` (of message `id`) into the pool (cut to nothing
+    /// first when it is large or the pool holds its byte budget), or unlinks it when
     /// the pool is full.
     pub fn put(&self, id: &str, msg: &Path) -> std::io::Result<()> {
         let len = fs::metadata(msg)?.len();
@@ -149,14 +122,14 @@ impl Spares {
         if !room {
             return fs::remove_file(msg);
         }
+        if !fits {
+            fs::OpenOptions::new().write(true).open(msg)?.set_len(0)?;
+        }
         let to = self.dir.join(id);
         fs::rename(msg, &to)?;
         // Reusable after an fsync that starts from now on has completed.
         let need = self.started.load(Ordering::Acquire) + 1;
         let counted = if fits { len } else { 0 };
-        if !fits {
-            self.to_cut.lock().push_back((to.clone(), need));
-        }
         let mut free = self.free.lock();
         free.0.push_back((to, need, counted));
         free.1 += counted;
@@ -179,20 +152,19 @@ mod tests {
     }
 
     #[test]
-    fn a_large_finished_file_keeps_its_inode_and_is_cut_once_reusable() {
+    fn a_large_finished_file_keeps_its_inode_cut_to_nothing() {
         let d = tempfile::tempdir().unwrap();
         let s = Spares::open(&d.path().join("spare")).unwrap();
         let msg = d.path().join("BIG.msg");
         fs::write(&msg, vec![b'x'; MAX_SPARE_BYTES as usize + 1]).unwrap();
         s.put("BIG", &msg).unwrap();
         let spare = d.path().join("spare/BIG");
-        // Not yet covered by an fsync: neither reused nor cut.
-        assert_eq!(s.take(), None);
-        assert_eq!(fs::metadata(&spare).unwrap().len(), MAX_SPARE_BYTES + 1);
-        synced(&s);
-        assert_eq!(s.take(), Some(spare.clone()));
         assert_eq!(fs::metadata(&spare).unwrap().len(), 0);
         assert_eq!(s.free.lock().1, 0, "a cut file counts for nothing");
+        // Not yet covered by an fsync: not reused.
+        assert_eq!(s.take(), None);
+        synced(&s);
+        assert_eq!(s.take(), Some(spare));
     }
 
     #[test]
@@ -206,7 +178,9 @@ mod tests {
         let s = Spares::open_bounded(&dir, 5).unwrap();
         assert_eq!(s.len(), 5);
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 5);
-        // Left by an earlier run, never anybody's mail: reusable at once, and empty.
+        // Left by an earlier run: empty, and reusable after this run's first fsync.
+        assert_eq!(s.take(), None);
+        synced(&s);
         let first = s.take().unwrap();
         assert_eq!(fs::metadata(&first).unwrap().len(), 0);
         let msg = d.path().join("ONE.msg");

@@ -199,41 +199,7 @@ impl Sink {
 
 /// Hashes a body fed in pieces, for every [`BodyHashKey`] asked.
 pub struct BodyHasher {
-    /// Octets of header still to skip before the body (see [`BodyHasher::after_header`]).
-    skip: Option<HeaderSkip>,
     forms: Vec<(Canonicalizer, Sink)>,
-}
-
-/// The rest of a header section whose start was read elsewhere: skipped up to and
-/// including the empty line that ends it.
-#[derive(Default)]
-struct HeaderSkip {
-    line_len: u64,
-    cr: bool,
-}
-
-impl HeaderSkip {
-    /// Consumes header octets; the body's start in `piece` once the header ends.
-    fn skip(&mut self, piece: &[u8]) -> Option<usize> {
-        for (i, &c) in piece.iter().enumerate() {
-            if self.cr && c == b'\n' {
-                if self.line_len == 0 {
-                    return Some(i + 1);
-                }
-                self.line_len = 0;
-                self.cr = false;
-                continue;
-            }
-            if self.cr {
-                self.line_len += 1;
-            }
-            self.cr = c == b'\r';
-            if !self.cr {
-                self.line_len += 1;
-            }
-        }
-        None
-    }
 }
 
 impl BodyHasher {
@@ -257,14 +223,7 @@ impl BodyHasher {
                 sink.digests.push((key, digest::Context::new(alg)));
             }
         }
-        BodyHasher { skip: None, forms }
-    }
-
-    /// The pieces start inside the header section (its start was too long to keep
-    /// in memory): octets up to the empty line are not body.
-    pub fn after_header(mut self) -> BodyHasher {
-        self.skip = Some(HeaderSkip::default());
-        self
+        BodyHasher { forms }
     }
 
     /// Whether any hash is asked at all (nothing to feed otherwise).
@@ -272,16 +231,7 @@ impl BodyHasher {
         !self.forms.is_empty()
     }
 
-    pub fn write(&mut self, mut piece: &[u8]) {
-        if let Some(skip) = &mut self.skip {
-            match skip.skip(piece) {
-                Some(start) => {
-                    piece = &piece[start..];
-                    self.skip = None;
-                }
-                None => return,
-            }
-        }
+    pub fn write(&mut self, piece: &[u8]) {
         for (canon, sink) in &mut self.forms {
             canon.write(piece, &mut |b| sink.put(b));
         }

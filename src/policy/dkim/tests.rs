@@ -727,28 +727,6 @@ proptest! {
         }
     }
 
-    /// Invariant: a hasher started inside a header section hashes exactly what
-    /// follows the first empty line, however the input is cut.
-    #[test]
-    fn hashing_after_a_header_skips_exactly_the_header(
-        header in proptest::collection::vec(prop_oneof![Just(b'a'), Just(b':'), Just(b' '), Just(b'\r'), Just(b'\n')], 0..80),
-        body in raw_body_bytes(),
-        cuts in proptest::collection::vec(any::<usize>(), 0..12),
-    ) {
-        // Header lines end in CRLF and are never empty (an empty one would end it).
-        let header = String::from_utf8(header).unwrap().replace(['\r', '\n'], "");
-        let header: String = header.split(':').filter(|l| !l.is_empty()).map(|l| format!("{l}:\r\n")).collect();
-        let input = [header.as_bytes(), b"\r\n", &body].concat();
-        let key = BodyHashKey { canon: Canon::Relaxed, sha1: false, limit: None };
-        let mut h = BodyHasher::new([key]).after_header();
-        for p in pieces(&input, &cuts) {
-            h.write(&p);
-        }
-        let want = BodyHashes::of(&body, [key]);
-        let got = h.finish();
-        prop_assert_eq!(got.digest(&key), want.digest(&key));
-    }
-
     #[test]
     fn canonical_body_matches_the_whole_buffer_rule(body in raw_body_bytes()) {
         for c in [Canon::Simple, Canon::Relaxed] {
