@@ -81,47 +81,18 @@ impl Session {
             .take()
             .expect("DATA only starts inside a transaction");
         let client = self.peer.ip();
-        let (mut draft, mut header_room) = (None, None);
-        if dec.error.is_none() {
-            draft = match spilled {
-                Ok(d) => d,
-                Err(reply) => return self.reply(reply),
-            };
-            // A header section longer than what stayed in memory: every field must be
-            // examined (hops, forged results, what DKIM signs), so the message is read
-            // whole, within `whole_message_memory`.
-            if draft.is_some() && !super::spill::header_complete(&body) {
-                header_room = match self.read_back(&mut body, Ok(draft.take())).await {
-                    Ok(room) => room,
-                    Err(reply) => return self.reply(reply),
-                };
-            }
-        }
-        if let Err(reply) = self.refuse_unchecked(&dec, &body) {
-            return self.reply(reply);
-        }
+        let (mut draft, header_room) = match self.received(&dec, spilled, &mut body).await {
+            Ok(r) => r,
+            Err(reply) => return self.reply(reply),
+        };
         // RFC 8601 §5: results claiming to be ours can only be forged.
         let body = strip_forged_results(&body, self.ctx.cfg.authserv_id()).unwrap_or(body);
         let mut body = self.strip_foreign_spam_headers(body);
         let helo = self.helo.clone().unwrap_or_default();
-        let checked = match self.spilled_body_hashes(&body, draft.as_ref()).await {
-            Ok(Some(hashes)) => Body::Hashed(&body, hashes),
-            Ok(None) => Body::Whole(&body),
+        let verdict = match self.checked(&tx, &helo, &body, draft.as_ref()).await {
+            Ok(v) => v,
             Err(reply) => return self.reply(reply),
         };
-        let verdict = self
-            .ctx
-            .auth
-            .check_end_of_data(client, &helo, &tx.reverse_path, &tx.spf, checked)
-            .await;
-        if let Some(reply) = verdict.reject {
-            self.ctx
-                .counters
-                .refused_data
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client = %client, from = %tx.reverse_path, auth = %verdict.summary, reply = %reply, "message refused by DMARC policy");
-            return self.reply(reply);
-        }
         // Read whole only now, after the DNS checks: room in `whole_message_memory` is
         // held for the rest of this function, not through lookups.
         let _rooms = match self.whole_if_needed(&tx, &mut body, &mut draft).await {
@@ -251,6 +222,57 @@ impl Session {
             tracing::info!(queue_id = %id, to = %tx.reverse_path, unknown = n_unknown, "unknown recipients: DSN to the sender is due");
         }
         self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")));
+    }
+
+    /// What arrived, before any check: the decoder's verdict, the draft holding the
+    /// rest of a spilled message, and the hop count. A header section longer than what
+    /// stayed in memory is read back whole first (every field must be examined: hops,
+    /// forged results, what DKIM signs), with its room in `whole_message_memory`.
+    async fn received(
+        &mut self,
+        dec: &DataDecoder,
+        spilled: Result<Option<Draft>, Reply>,
+        body: &mut Vec<u8>,
+    ) -> Result<(Option<Draft>, super::spill::WholeRoom), Reply> {
+        let (mut draft, mut room) = (None, None);
+        if dec.error.is_none() {
+            draft = spilled?;
+            if draft.is_some() && !super::spill::header_complete(body) {
+                room = self.read_back(body, Ok(draft.take())).await?;
+            }
+        }
+        self.refuse_unchecked(dec, body)?;
+        Ok((draft, room))
+    }
+
+    /// SPF (found at MAIL), DKIM, ARC and DMARC within their deadline; a spilled body
+    /// is hashed from its draft. Err: the DMARC refusal (`dmarc_reject`).
+    async fn checked(
+        &self,
+        tx: &Transaction,
+        helo: &str,
+        body: &[u8],
+        draft: Option<&Draft>,
+    ) -> Result<crate::policy::MessageVerdict, Reply> {
+        let client = self.peer.ip();
+        let checked = match self.spilled_body_hashes(body, draft).await? {
+            Some(hashes) => Body::Hashed(body, hashes),
+            None => Body::Whole(body),
+        };
+        let mut verdict = self
+            .ctx
+            .auth
+            .check_end_of_data(client, helo, &tx.reverse_path, &tx.spf, checked)
+            .await;
+        if let Some(reply) = verdict.reject.take() {
+            self.ctx
+                .counters
+                .refused_data
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %client, from = %tx.reverse_path, auth = %verdict.summary, reply = %reply, "message refused by DMARC policy");
+            return Err(reply);
+        }
+        Ok(verdict)
     }
 
     /// Refusals that need no lookup: the decoder's verdict and the hop count.
