@@ -31,6 +31,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 PF="$HERE/postfix-perf"
 . "$PF/env.sh"
+. "$HERE/lib.sh"
 SIZES=${SIZES:-"2048 102400"}; COUNTS=${COUNTS:-5000}; SESSIONS=${SESSIONS:-"10 50"}; REPS=${REPS:-3}
 TENSO_PORT=${TENSO_PORT:-2630}
 TENSO_PLAIN_PORT=${TENSO_PLAIN_PORT:-2631}
@@ -91,27 +92,11 @@ stop_tenso() {
 }
 stop_tenso || true
 tenso_conf() {  # DIR PORT EXTRA: a tenso config for the benchmark
-cat > "$1/tenso.toml" <<CONF
-hostname = "fwd.test"
-data_dir = "$1/data"
-[smtp]
-listen = ["127.0.0.1:$2"]
-[delivery]
-routes = { "dest.test" = "127.0.0.1:$SINK_PORT" }
-# The Postfix baseline checks neither SPF nor DKIM: neither does tenso here.
-[auth]
+    # The Postfix baseline checks neither SPF nor DKIM: neither does tenso here.
+    bench_tenso_conf "$1/tenso.toml" "$1/data" "$2" "[auth]
 spf = false
 dkim = false
-[tls]
-starttls = false
-# smtp-source is one client sending everything: lift the per-client limits.
-[limits]
-max_connections_per_ip = 100000
-connect_rate_per_minute = 10000000
-max_messages_per_connection = 100000000
-alias_rate_per_hour = 0
-$3
-CONF
+$3"
 }
 # An earlier run's data directory is moved aside, and deleted only when the comparison
 # is over: ext4 without a journal makes every inode allocation skip the inodes deleted
@@ -125,9 +110,7 @@ start_tenso() {  # DIR PORT EXTRA
     local t0=$EPOCHREALTIME
     "$BIN" --config "$1/tenso.toml" import "$PERF_WORK/aliases.txt"
     echo "import of $(wc -l < "$PERF_WORK/aliases.txt") aliases: $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}') s"
-    RUST_LOG=info setsid "$BIN" --config "$1/tenso.toml" serve > "$1/log" 2>&1 < /dev/null &
-    echo $! > "$1/pid"
-    for i in $(seq 1 100); do port_listening "$2" && break; sleep 0.1; done
+    bench_tenso_start "$BIN" "$1/tenso.toml" "$1/log" "$1/pid" "$2" >/dev/null
 }
 SPAM_CONF=""
 if [ "$SPAM" = 1 ]; then

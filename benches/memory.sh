@@ -23,6 +23,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 PF="$HERE/postfix-perf"
 . "$PF/env.sh"
+. "$HERE/lib.sh"
 CONC=${CONC:-100}; SIZE=${SIZE:-20971520}
 TENSO_PORT=${TENSO_PORT:-2633}
 DNS_PORT=${DNS_PORT:-2653}   # nothing listens here
@@ -57,35 +58,17 @@ run_one() {  # LABEL BIN AUTH(on|off|sign)
         "$bin" dkim keygen --algorithm rsa --selector bench --domain fwd.test --out "$TDIR/dkim.pem" >/dev/null
         sign_conf=$'[dkim]\ndomain = "fwd.test"\nselector = "bench"\nkey = "'"$TDIR/dkim.pem"'"'
     fi
-    cat > "$TDIR/tenso.toml" <<CONF
-hostname = "fwd.test"
-data_dir = "$TDIR/data"
-[smtp]
-listen = ["127.0.0.1:$TENSO_PORT"]
-max_message_size = $((SIZE * 2))
-[delivery]
-routes = { "dest.test" = "127.0.0.1:$SINK_PORT" }
+    bench_tenso_conf "$TDIR/tenso.toml" "$TDIR/data" "$TENSO_PORT" "max_message_size = $((SIZE * 2))
 [auth]
 $auth_conf
 [dns]
-nameservers = ["127.0.0.1:$DNS_PORT"]
-timeout = "1s"
+nameservers = [\"127.0.0.1:$DNS_PORT\"]
+timeout = \"1s\"
 attempts = 1
-$sign_conf
-[tls]
-starttls = false
-[limits]
-max_connections_per_ip = 100000
-connect_rate_per_minute = 10000000
-max_messages_per_connection = 100000000
-alias_rate_per_hour = 0
-CONF
+$sign_conf"
     printf 'user@%s user@%s\n' "$ALIAS_DOMAIN" "$DEST_DOMAIN" > "$TDIR/aliases.txt"
     "$bin" --config "$TDIR/tenso.toml" import "$TDIR/aliases.txt" >/dev/null
-    RUST_LOG=warn setsid "$bin" --config "$TDIR/tenso.toml" serve > "$TDIR/log" 2>&1 < /dev/null &
-    local pid=$!
-    echo "$pid" > "$TDIR/pid"
-    local i; for i in $(seq 1 100); do port_listening "$TENSO_PORT" && break; sleep 0.1; done
+    local pid; pid=$(bench_tenso_start "$bin" "$TDIR/tenso.toml" "$TDIR/log" "$TDIR/pid" "$TENSO_PORT" warn)
     local before; before=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
     local base; base=$(sink_count); local t0; t0=$(date +%s.%N)
     smtp-source -s "$CONC" -m "$CONC" -F "$MSG" -f "sender@sender.test" -t "user@$ALIAS_DOMAIN" \

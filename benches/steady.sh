@@ -18,6 +18,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 PF="$HERE/postfix-perf"
 . "$PF/env.sh"
+. "$HERE/lib.sh"
 TOTAL=${TOTAL:-200000}; BATCH=${BATCH:-10000}; SESSIONS=${SESSIONS:-50}; SIZE=${SIZE:-2048}
 TENSO_PORT=${TENSO_PORT:-2632}
 TDIR=$PERF_WORK/tenso-steady
@@ -40,30 +41,12 @@ if [ -d "$TDIR" ]; then
     sleep "${SETTLE:-40}"
 fi
 mkdir -p "$TDIR"
-cat > "$TDIR/tenso.toml" <<CONF
-hostname = "fwd.test"
-data_dir = "$TDIR/data"
-[smtp]
-listen = ["127.0.0.1:$TENSO_PORT"]
-[delivery]
-routes = { "dest.test" = "127.0.0.1:$SINK_PORT" }
-[auth]
+bench_tenso_conf "$TDIR/tenso.toml" "$TDIR/data" "$TENSO_PORT" "[auth]
 spf = false
-dkim = false
-[tls]
-starttls = false
-[limits]
-max_connections_per_ip = 100000
-connect_rate_per_minute = 10000000
-max_messages_per_connection = 100000000
-alias_rate_per_hour = 0
-CONF
+dkim = false"
 "$BIN" --config "$TDIR/tenso.toml" import "$PERF_WORK/aliases.txt" >/dev/null
-RUST_LOG=info setsid "$BIN" --config "$TDIR/tenso.toml" serve > "$TDIR/log" 2>&1 < /dev/null &
-PID=$!
-echo "$PID" > "$TDIR/pid"
+PID=$(bench_tenso_start "$BIN" "$TDIR/tenso.toml" "$TDIR/log" "$TDIR/pid" "$TENSO_PORT")
 trap 'kill $PID 2>/dev/null || true' EXIT
-for i in $(seq 1 100); do port_listening "$TENSO_PORT" && break; sleep 0.1; done
 
 ticks() { awk '{sub(/.*\) /,""); print $12, $13}' "/proc/$PID/stat"; }   # utime stime
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$PID/status"; }
