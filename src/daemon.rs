@@ -193,33 +193,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let admin = control_server::bind(&cfg.socket_path())
         .with_context(|| format!("binding admin socket {}", cfg.socket_path().display()))?;
-    let status_inbound = inbound.clone();
-    let status_queue = queue.clone();
-    let status_bounce = bounce.clone();
-    let status_spool = spool.clone();
-    let status_delivery = delivery.clone();
-    let status_table = table.clone();
-    let status: crate::metrics::StatusFn = Arc::new(move || {
-        serde_json::json!({
-            "inbound": status_inbound.snapshot(),
-            "queue": status_queue.snapshot(),
-            "bounce": status_bounce.counters.snapshot(),
-            "tls": status_delivery.tls_counters.snapshot(),
-            "table": status_table.status().1,
-            "pool": {
-                "stored": status_bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
-                "expired": status_bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
-            },
-            "spool": {
-                "env_fallbacks": status_spool.env_fallbacks(),
-            },
-            "maps": {
-                "limiter_clients": status_inbound.limiter.tracked(),
-                "submission_logins": status_inbound.submission.as_ref().map(|s| s.tracked_logins()),
-                "delivery": status_delivery.map_sizes(),
-            },
-        })
-    });
+    let status = status_fn(&inbound, &queue, &bounce, &spool, &delivery, &table);
     crate::metrics::metrics().set_status(status.clone());
     let server = Arc::new(control_server::Server {
         cfg: cfg.clone(),
@@ -232,37 +206,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(control_server::run(server, admin));
     let metrics_addr = start_metrics(&cfg, &table, &queue).await?;
 
-    // Housekeeping: the correlation log is bounded in time; pool digests if enabled.
-    let hk_bounce = bounce.clone();
-    tokio::spawn(async move {
-        loop {
-            let b = hk_bounce.clone();
-            let n = tokio::task::spawn_blocking(move || b.expire_log())
-                .await
-                .unwrap_or(0);
-            if n > 0 {
-                tracing::info!(expired = n, "correlation log records expired");
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(600)).await;
-        }
-    });
-    if let Some(every) = cfg.pool.digest {
-        let b = bounce.clone();
-        let q = queue.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                for (e, body) in b.digests().await {
-                    q.enqueue(e, Some(body));
-                }
-            }
-        });
-    }
-
-    if let (Some(every), true) = (cfg.pool.maildir_export, bounce.pool.is_shared()) {
-        tokio::spawn(export_pool(bounce.pool.clone(), every));
-    }
-
+    spawn_pool_housekeeping(&cfg, &bounce, &queue);
     tokio::spawn(tls_housekeeping(
         delivery.clone(),
         table.clone(),
@@ -316,6 +260,79 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(cfg.socket_path());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `tenso status` and the JSON behind `/metrics`: every service's counters and map sizes.
+fn status_fn(
+    inbound: &Arc<crate::inbound::Inbound>,
+    queue: &crate::queue::QueueHandle,
+    bounce: &Arc<crate::bounce::Bounce>,
+    spool: &Spool,
+    delivery: &Arc<crate::delivery::Delivery>,
+    table: &Table,
+) -> crate::metrics::StatusFn {
+    let (inbound, queue, bounce) = (inbound.clone(), queue.clone(), bounce.clone());
+    let (spool, delivery, table) = (spool.clone(), delivery.clone(), table.clone());
+    Arc::new(move || {
+        serde_json::json!({
+            "inbound": inbound.snapshot(),
+            "queue": queue.snapshot(),
+            "bounce": bounce.counters.snapshot(),
+            "tls": delivery.tls_counters.snapshot(),
+            "table": table.status().1,
+            "pool": {
+                "stored": bounce.pool.stored.load(std::sync::atomic::Ordering::Relaxed),
+                "expired": bounce.pool.expired.load(std::sync::atomic::Ordering::Relaxed),
+            },
+            "spool": {
+                "env_fallbacks": spool.env_fallbacks(),
+                "spares": spool.spares(),
+            },
+            "maps": {
+                "limiter_clients": inbound.limiter.tracked(),
+                "submission_logins": inbound.submission.as_ref().map(|s| s.tracked_logins()),
+                "delivery": delivery.map_sizes(),
+            },
+        })
+    })
+}
+
+/// The bounce side's periodic jobs: the correlation log's expiry (it is bounded in
+/// time), and pool digests and the Maildir export when enabled.
+fn spawn_pool_housekeeping(
+    cfg: &Arc<Config>,
+    bounce: &Arc<crate::bounce::Bounce>,
+    queue: &crate::queue::QueueHandle,
+) {
+    let hk_bounce = bounce.clone();
+    tokio::spawn(async move {
+        loop {
+            let b = hk_bounce.clone();
+            let n = tokio::task::spawn_blocking(move || b.expire_log())
+                .await
+                .unwrap_or(0);
+            if n > 0 {
+                tracing::info!(expired = n, "correlation log records expired");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        }
+    });
+    if let Some(every) = cfg.pool.digest {
+        let b = bounce.clone();
+        let q = queue.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                for (e, body) in b.digests().await {
+                    q.enqueue(e, Some(body));
+                }
+            }
+        });
+    }
+
+    if let (Some(every), true) = (cfg.pool.maildir_export, bounce.pool.is_shared()) {
+        tokio::spawn(export_pool(bounce.pool.clone(), every));
+    }
 }
 
 /// The fleet's pool into this node's Maildir, for an IMAP server (`[pool]
