@@ -129,10 +129,11 @@ pub struct SmtpConfig {
     /// 0 turns the check off (a commit that meets a full disk still gets `452 4.3.1`).
     pub min_free_space: Option<u64>,
     /// Memory all sessions together may use for spilled messages read back whole at
-    /// the end of DATA (spam gate, signing, submission, bounces coming home), each
-    /// counted three times its size (the copies the end of DATA builds). A session
-    /// whose message does not fit waits for its turn, at most 60 s, then 451; one
-    /// counted at more than the whole budget (over ~21 MiB by default) waits to be alone.
+    /// the end of DATA (spam gate, signing, submission, bounces coming home, DMARC
+    /// pre-flight pooling), each counted three times its size (the copies the end of
+    /// DATA builds). A session whose message does not fit waits for its turn, at most
+    /// 60 s, then 451; one counted at more than the whole budget (over ~21 MiB by
+    /// default) waits to be alone.
     pub whole_message_memory: u64,
 }
 

@@ -397,13 +397,13 @@ async fn dmarc_preflight_pool_mode_with_per_user_override() {
         let t = &t;
         async move { submit_ok(t, "127.0.0.1", "client.test", from, rcpts, &msg).await }
     };
-    // 1. SPF-only p=reject sender to alice: pooled, nothing queued.
-    let r = send(
-        "x@spfonly.test",
-        &["alice@alias.test"],
-        dmarc_message("x@spfonly.test", "spf only"),
-    )
-    .await;
+    // 1. SPF-only p=reject sender to alice: pooled, nothing queued. The body is
+    // larger than a session keeps in memory: the pooled copy is still whole.
+    let mut large = dmarc_message("x@spfonly.test", "spf only");
+    for i in 0..8000 {
+        large.extend_from_slice(format!("line {i} of a large pooled message\r\n").as_bytes());
+    }
+    let r = send("x@spfonly.test", &["alice@alias.test"], large).await;
     assert!(!r.contains("queued as"), "nothing to forward: {r}");
     let p = pooled(&t, "alice@alias.test");
     assert_eq!(p.len(), 1, "pooled at once, before the 250");
@@ -413,6 +413,11 @@ async fn dmarc_preflight_pool_mode_with_per_user_override() {
         p[0].0
     );
     assert!(p[0].1.contains("Subject: spf only"), "{}", p[0].1);
+    assert!(
+        p[0].1.ends_with("line 7999 of a large pooled message\r\n"),
+        "the pooled copy is whole ({} octets)",
+        p[0].1.len()
+    );
     // 2. The same to alice and bob: bob's override forwards his copy.
     send(
         "x@spfonly.test",

@@ -95,7 +95,11 @@ impl Session {
         };
         // Read whole only now, after the DNS checks: room in `whole_message_memory` is
         // held for the rest of this function, not through lookups.
-        let _rooms = match self.whole_if_needed(&tx, &mut body, &mut draft).await {
+        let doomed = verdict.doomed.is_some();
+        let _rooms = match self
+            .whole_if_needed(&tx, doomed, &mut body, &mut draft)
+            .await
+        {
             Ok(room) => (header_room, room),
             Err(reply) => return self.reply(reply),
         };
@@ -379,11 +383,13 @@ impl Session {
     }
 
     /// A spilled message stays on disk unless a step needs it whole in memory: the
-    /// spam gate, signing, or a bounce coming home to an alias (parsed as a DSN).
-    /// DKIM, ARC and DMARC do not: they read a spilled body in pieces.
+    /// spam gate, signing, a bounce coming home to an alias (parsed as a DSN), or the
+    /// DMARC pre-flight (`doomed`: a copy may go to a pool). DKIM, ARC and DMARC do
+    /// not: they read a spilled body in pieces.
     async fn whole_if_needed(
         &self,
         tx: &Transaction,
+        doomed: bool,
         body: &mut Vec<u8>,
         draft: &mut Option<Draft>,
     ) -> Result<super::spill::WholeRoom, Reply> {
@@ -392,7 +398,7 @@ impl Session {
                 .targets
                 .iter()
                 .any(|t| matches!(t, forward::Target::Alias { .. }));
-        let needs = self.ctx.spam.is_some() || self.ctx.signer.is_some() || bounce_home;
+        let needs = self.ctx.spam.is_some() || self.ctx.signer.is_some() || bounce_home || doomed;
         if needs {
             return self.read_back(body, Ok(draft.take())).await;
         }

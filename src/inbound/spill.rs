@@ -9,9 +9,9 @@
 //! the end of DATA then reads the message back whole (within `[smtp]
 //! whole_message_memory`), so every field is examined. DKIM, ARC and DMARC read the
 //! draft in pieces for their body hashes; steps that need the whole message (the spam
-//! gate, signing, bounces coming home, submission) read the draft back at the end of
-//! DATA; with those off, nothing large is ever in memory. A draft that cannot be
-//! written makes the end of DATA a 4xx, never a 250.
+//! gate, signing, bounces coming home, DMARC pre-flight pooling, submission) read the
+//! draft back at the end of DATA; with those off, nothing large is ever in memory. A
+//! draft that cannot be written makes the end of DATA a 4xx, never a 250.
 
 use super::session::Session;
 use crate::smtp::Reply;
