@@ -109,6 +109,9 @@ async fn corrupt_envelope_falls_back_to_the_committed_one() {
     assert_eq!(got, ["<envfallback@origin.test>"]);
     let c = counters(&t).await;
     assert_eq!(counter(&c, "spool", "env_fallbacks"), 1, "{c}");
+    // The delivered message's file was kept for reuse, its ID.env removed.
+    assert!(counter(&c, "spool", "spares") >= 1, "{c}");
+    assert!(spool_files(&t, ".env").is_empty(), "ID.env left behind");
     assert!(
         t.log().contains("corrupt envelope file set aside"),
         "{}",
